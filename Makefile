@@ -1,0 +1,31 @@
+# Quick start:  make demo   (set up .venv, pack the bundled sample, validate, stats, train, evaluate)
+#               make test   (set up .venv with the test extras, run the test suite)
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+DEMO   ?= demo
+
+.PHONY: demo test venv clean bench
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+demo: venv
+	rm -rf $(DEMO)
+	mkdir -p $(DEMO)
+	$(BIN)/packedqdc pack npz --sample $(DEMO)/sample
+	$(BIN)/packedqdc validate --checksums $(DEMO)/sample
+	$(BIN)/packedqdc stats $(DEMO)/sample --bucket-size 8192
+
+clean:
+	rm -rf $(VENV) $(DEMO) runs .pytest_cache

@@ -1,0 +1,523 @@
+"""The packed directory format (v1): file names, dtypes, ``meta.json``, reading and atomic writing.
+
+A packed directory holds ``N`` molecules with ``A = sum(n_atoms)`` atoms in total:
+
+================  ==========  ==========  =========================================
+file              dtype       shape       content
+================  ==========  ==========  =========================================
+``offsets.npy``   int64       (N+1,)      atom offsets; ``offsets[0] = 0``, ``offsets[-1] = A``
+``n_atoms.npy``   int32       (N,)        ``diff(offsets)``
+``Z_pack.int32``  int32 raw   (A,)        atomic numbers 1..118
+``R_pack.f32``    float32 raw (A, 3)      positions, Å
+``F_pack.f32``    float32 raw (A, 3)      forces (-dE/dR), kcal/mol/Å (optional)
+``E.f64``         float64 raw (N,)        energies, kcal/mol
+``Qtot.f64``      float64 raw (N,)        total charges, e (optional; absent means neutral)
+``meta.json``     JSON                    format, counts, units, provenance, sha256 per file
+================  ==========  ==========  =========================================
+
+The seven data files are byte-compatible with the seed document's format, so a directory written
+by the seed's snippet opens here and one written here opens in the seed's loader. ``meta.json`` is
+written last; a directory without it is still valid input.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import threading
+import queue
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .elements import MAX_Z, symbol
+from .errors import FormatError, SourceError, TargetExistsError
+
+FORMAT_NAME = "packedqdc"
+FORMAT_VERSION = 1
+
+OFFSETS = "offsets.npy"
+N_ATOMS = "n_atoms.npy"
+Z_FILE = "Z_pack.int32"
+R_FILE = "R_pack.f32"
+F_FILE = "F_pack.f32"
+E_FILE = "E.f64"
+QTOT_FILE = "Qtot.f64"
+META = "meta.json"
+
+UNITS = {"energy": "kcal/mol", "length": "angstrom", "forces": "kcal/mol/angstrom", "charge": "e"}
+
+
+@dataclass(frozen=True)
+class RawFileSpec:
+    """A headerless data file: its dtype, its row width and whether rows are atoms or molecules."""
+
+    name: str
+    dtype: np.dtype
+    width: int  # values per row: 1 or 3
+    per: str  # "atom" or "molecule"
+    required: bool
+
+
+RAW_FILES: tuple[RawFileSpec, ...] = (
+    RawFileSpec(Z_FILE, np.dtype(np.int32), 1, "atom", True),
+    RawFileSpec(R_FILE, np.dtype(np.float32), 3, "atom", True),
+    RawFileSpec(F_FILE, np.dtype(np.float32), 3, "atom", False),
+    RawFileSpec(E_FILE, np.dtype(np.float64), 1, "molecule", True),
+    RawFileSpec(QTOT_FILE, np.dtype(np.float64), 1, "molecule", False),
+)
+RAW_BY_NAME = {spec.name: spec for spec in RAW_FILES}
+
+
+def expected_nbytes(spec: RawFileSpec, n_molecules: int, n_atoms_total: int) -> int:
+    """Size in bytes that ``spec``'s file must have for the given counts."""
+    rows = n_atoms_total if spec.per == "atom" else n_molecules
+    return rows * spec.width * spec.dtype.itemsize
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PackedDataset:
+    """Read-only views of a packed directory. Nothing is read into memory until indexed.
+
+    Attributes:
+        path: the directory.
+        offsets: (N+1,) int64, atom offsets (memory-mapped).
+        n_atoms: (N,) int32, atoms per molecule (memory-mapped).
+        Z: (A,) int32 atomic numbers.
+        R: (A, 3) float32 positions, Å.
+        F: (A, 3) float32 forces, kcal/mol/Å, or None when the directory has none.
+        E: (N,) float64 energies, kcal/mol.
+        Qtot: (N,) float64 total charges, e, or None (neutral).
+        meta: parsed ``meta.json``, or None for a directory made without one.
+    """
+
+    path: Path
+    offsets: np.ndarray
+    n_atoms: np.ndarray
+    Z: np.ndarray
+    R: np.ndarray
+    F: np.ndarray | None
+    E: np.ndarray
+    Qtot: np.ndarray | None
+    meta: dict[str, Any] | None
+
+    @property
+    def n_molecules(self) -> int:
+        return int(self.n_atoms.shape[0])
+
+    @property
+    def n_atoms_total(self) -> int:
+        return int(self.Z.shape[0])
+
+    def molecule(self, i: int) -> dict[str, Any]:
+        """Molecule ``i`` as in-memory arrays: Z (n,), R (n, 3), F (n, 3) or None, E, Qtot floats."""
+        if not 0 <= i < self.n_molecules:
+            raise IndexError(f"molecule {i} out of range for {self.n_molecules} molecules")
+        lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
+        return {
+            "Z": np.array(self.Z[lo:hi]),
+            "R": np.array(self.R[lo:hi]),
+            "F": None if self.F is None else np.array(self.F[lo:hi]),
+            "E": float(self.E[i]),
+            "Qtot": 0.0 if self.Qtot is None else float(self.Qtot[i]),
+        }
+
+
+def load_npy_index(path: Path, name: str) -> np.ndarray:
+    """Memory-map ``path/name`` (a ``.npy`` file), turning any read failure into a FormatError."""
+    file = path / name
+    if not file.is_file():
+        raise FormatError(f"{file}: required file is missing")
+    try:
+        return np.load(file, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise FormatError(f"{file}: not a readable .npy file ({exc})") from None
+
+
+def read_meta(path: Path) -> dict[str, Any] | None:
+    """Parsed ``meta.json`` of ``path``, None if absent; FormatError if it is not valid JSON."""
+    file = path / META
+    if not file.is_file():
+        return None
+    try:
+        meta = json.loads(file.read_text())
+    except (ValueError, OSError) as exc:
+        raise FormatError(f"{file}: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise FormatError(f"{file}: top level must be a JSON object")
+    return meta
+
+
+def open_packed(path: str | os.PathLike[str]) -> PackedDataset:
+    """Open a packed directory as read-only memmaps after cheap checks.
+
+    Checked here (in O(1) time): required files present, ``offsets`` 1-D int64 of length N+1 with
+    ``offsets[0] == 0``, ``n_atoms`` 1-D of length N, and every raw file exactly as large as the
+    counts imply. Value checks (monotone offsets, finite numbers, Z range) are ``validate``'s job.
+
+    Raises:
+        FormatError: naming the file and what is wrong.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise FormatError(f"{root}: not a directory")
+    offsets = load_npy_index(root, OFFSETS)
+    if offsets.ndim != 1 or offsets.dtype != np.int64:
+        raise FormatError(f"{root / OFFSETS}: must be 1-D int64, found {offsets.ndim}-D {offsets.dtype}")
+    if offsets.shape[0] < 1:
+        raise FormatError(f"{root / OFFSETS}: empty; needs N+1 entries starting with 0")
+    if int(offsets[0]) != 0:
+        raise FormatError(f"{root / OFFSETS}: offsets[0] is {int(offsets[0])}, must be 0")
+    n_molecules = offsets.shape[0] - 1
+    n_atoms_total = int(offsets[-1])
+    if n_atoms_total < 0:
+        raise FormatError(f"{root / OFFSETS}: offsets[-1] is negative ({n_atoms_total})")
+    n_atoms = load_npy_index(root, N_ATOMS)
+    if n_atoms.ndim != 1 or n_atoms.shape[0] != n_molecules:
+        raise FormatError(
+            f"{root / N_ATOMS}: shape {n_atoms.shape} does not match {n_molecules} molecules in {OFFSETS}"
+        )
+    arrays: dict[str, np.ndarray | None] = {}
+    for spec in RAW_FILES:
+        file = root / spec.name
+        if not file.is_file():
+            if spec.required:
+                raise FormatError(f"{file}: required file is missing")
+            arrays[spec.name] = None
+            continue
+        expected = expected_nbytes(spec, n_molecules, n_atoms_total)
+        actual = file.stat().st_size
+        if actual != expected:
+            rows = n_atoms_total if spec.per == "atom" else n_molecules
+            raise FormatError(
+                f"{file}: size mismatch: {actual} bytes, expected {expected} "
+                f"({rows} {spec.per}s x {spec.width} x {spec.dtype.itemsize} bytes)"
+            )
+        shape = (expected // (spec.width * spec.dtype.itemsize),) + ((spec.width,) if spec.width > 1 else ())
+        arrays[spec.name] = _memmap(file, spec.dtype, shape)
+    return PackedDataset(
+        path=root,
+        offsets=offsets,
+        n_atoms=n_atoms,
+        Z=arrays[Z_FILE],
+        R=arrays[R_FILE],
+        F=arrays[F_FILE],
+        E=arrays[E_FILE],
+        Qtot=arrays[QTOT_FILE],
+        meta=read_meta(root),
+    )
+
+
+def _memmap(file: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    if shape[0] == 0:  # np.memmap cannot map an empty file
+        return np.zeros(shape, dtype=dtype)
+    return np.memmap(file, dtype=dtype, mode="r", shape=shape)
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MoleculeChunk:
+    """A flat block of ``m`` molecules, as sources yield them and the writer takes them.
+
+    Attributes:
+        n_atoms: (m,) int32 atoms per molecule, each >= 1.
+        Z: (sum n_atoms,) int32 atomic numbers.
+        R: (sum n_atoms, 3) float32 positions, Å.
+        E: (m,) float64 energies, kcal/mol.
+        F: (sum n_atoms, 3) float32 forces, kcal/mol/Å, or None.
+        Qtot: (m,) float64 total charges, e, or None.
+    """
+
+    n_atoms: np.ndarray
+    Z: np.ndarray
+    R: np.ndarray
+    E: np.ndarray
+    F: np.ndarray | None = None
+    Qtot: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return int(self.n_atoms.shape[0])
+
+
+class _HashingWriter:
+    """Appends bytes to a file and feeds them to sha256 in a background thread.
+
+    hashlib releases the GIL on large buffers, so hashing overlaps with the next chunk's I/O.
+    """
+
+    def __init__(self, file: Path) -> None:
+        self.file = file
+        self._fh = open(file, "wb", buffering=0)
+        self._sha = hashlib.sha256()
+        self._queue: queue.Queue[bytes | memoryview | None] = queue.Queue(maxsize=4)
+        self._thread = threading.Thread(target=self._hash_loop, daemon=True)
+        self._thread.start()
+        self.nbytes = 0
+
+    def _hash_loop(self) -> None:
+        while (buf := self._queue.get()) is not None:
+            self._sha.update(buf)
+
+    def write(self, array: np.ndarray) -> None:
+        buf = memoryview(np.ascontiguousarray(array)).cast("B")
+        self._fh.write(buf)
+        self._queue.put(buf)
+        self.nbytes += buf.nbytes
+
+    def close(self) -> str:
+        """Flush, fsync, close; return the hex sha256 of everything written."""
+        self._queue.put(None)
+        self._thread.join()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        return self._sha.hexdigest()
+
+    def discard(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._fh.close()
+
+
+def sha256_file(file: Path, block: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in blocks of ``block`` bytes."""
+    sha = hashlib.sha256()
+    with open(file, "rb", buffering=0) as fh:
+        buf = bytearray(block)
+        view = memoryview(buf)
+        while n := fh.readinto(buf):
+            sha.update(view[:n])
+    return sha.hexdigest()
+
+
+@dataclass
+class PackStats:
+    """Running totals a writer keeps while molecules stream through it."""
+
+    n_molecules: int = 0
+    n_atoms_total: int = 0
+    max_atoms: int = 0
+    element_counts: np.ndarray = field(default_factory=lambda: np.zeros(MAX_Z + 1, dtype=np.int64))
+    n_charged: int = 0
+
+
+class PackedWriter:
+    """Streams molecules into a new packed directory and publishes it atomically.
+
+    Everything is built in a hidden temporary sibling of ``target``; ``commit()`` writes the index
+    files and ``meta.json``, fsyncs, and renames it into place. If anything fails, or the process
+    is killed, the target is untouched (no half-written directory ever appears there). Memory is
+    bounded by one chunk: molecule counts go to a scratch file, not a growing list.
+
+    Use as a context manager::
+
+        with PackedWriter(out, has_forces=True, has_qtot=True, provenance={...}) as w:
+            for chunk in source:
+                w.append(chunk)
+            w.commit()
+
+    Leaving the block without ``commit()`` (or with an exception) removes the temporary directory.
+    """
+
+    def __init__(
+        self,
+        target: str | os.PathLike[str],
+        *,
+        has_forces: bool,
+        has_qtot: bool,
+        provenance: dict[str, Any] | None = None,
+        force: bool = False,
+    ) -> None:
+        self.target = Path(target).absolute()
+        self.has_forces = has_forces
+        self.has_qtot = has_qtot
+        self.provenance = dict(provenance or {})
+        self.force = force
+        self.stats = PackStats()
+        if self.target.exists() and not force:
+            raise TargetExistsError(f"{self.target}: already exists; pass --force to replace it")
+        parent = self.target.parent
+        if not parent.is_dir():
+            raise TargetExistsError(f"{parent}: parent directory of the output does not exist")
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=parent))
+        self._writers: dict[str, _HashingWriter] = {
+            Z_FILE: _HashingWriter(self.tmp / Z_FILE),
+            R_FILE: _HashingWriter(self.tmp / R_FILE),
+            E_FILE: _HashingWriter(self.tmp / E_FILE),
+        }
+        if has_forces:
+            self._writers[F_FILE] = _HashingWriter(self.tmp / F_FILE)
+        if has_qtot:
+            self._writers[QTOT_FILE] = _HashingWriter(self.tmp / QTOT_FILE)
+        self._counts = open(self.tmp / "n_atoms.scratch", "wb")
+        self._done = False
+
+    def __enter__(self) -> PackedWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if not self._done:
+            self.abort()
+
+    def append(self, chunk: MoleculeChunk) -> None:
+        """Append a chunk of molecules (values already checked and in packedqdc units)."""
+        m = len(chunk)
+        if m == 0:
+            return
+        n_atoms = np.asarray(chunk.n_atoms, dtype=np.int32)
+        atoms = int(n_atoms.sum(dtype=np.int64))
+        first = self.stats.n_molecules
+        _check_chunk_shapes(chunk, m, atoms, first)
+        if (chunk.F is None) == self.has_forces:
+            raise SourceError(f"molecules {first}..{first + m - 1}: forces present in some chunks only")
+        if chunk.Qtot is None and self.has_qtot:
+            raise SourceError(f"molecules {first}..{first + m - 1}: total charge present in some chunks only")
+        self._writers[Z_FILE].write(np.asarray(chunk.Z, dtype=np.int32))
+        self._writers[R_FILE].write(np.asarray(chunk.R, dtype=np.float32))
+        self._writers[E_FILE].write(np.asarray(chunk.E, dtype=np.float64))
+        if self.has_forces:
+            self._writers[F_FILE].write(np.asarray(chunk.F, dtype=np.float32))
+        if self.has_qtot:
+            qtot = np.asarray(chunk.Qtot, dtype=np.float64)
+            self._writers[QTOT_FILE].write(qtot)
+            self.stats.n_charged += int(np.count_nonzero(qtot))
+        self._counts.write(memoryview(n_atoms).cast("B"))
+        self.stats.n_molecules += m
+        self.stats.n_atoms_total += atoms
+        self.stats.max_atoms = max(self.stats.max_atoms, int(n_atoms.max()))
+        self.stats.element_counts += np.bincount(
+            np.clip(np.asarray(chunk.Z), 0, MAX_Z), minlength=MAX_Z + 1
+        )[: MAX_Z + 1]
+
+    def commit(self, extra_meta: dict[str, Any] | None = None) -> Path:
+        """Finish the files, write ``meta.json`` last, and rename the directory into place."""
+        checksums = {name: w.close() for name, w in self._writers.items()}
+        self._writers = {}
+        self._counts.close()
+        checksums.update(self._write_index_files())
+        (self.tmp / "n_atoms.scratch").unlink()
+        meta = self._meta(checksums, extra_meta or {})
+        meta_file = self.tmp / META
+        meta_file.write_text(json.dumps(meta, indent=2) + "\n")
+        _fsync_path(meta_file)
+        _fsync_path(self.tmp)
+        self._publish()
+        self._done = True
+        return self.target
+
+    def abort(self) -> None:
+        """Drop everything written so far; the target is left as it was."""
+        for w in self._writers.values():
+            w.discard()
+        self._writers = {}
+        if not self._counts.closed:
+            self._counts.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self._done = True
+
+    def _write_index_files(self, block: int = 1 << 22) -> dict[str, str]:
+        """Write ``n_atoms.npy`` and ``offsets.npy`` from the scratch counts, block by block."""
+        n = self.stats.n_molecules
+        counts = (
+            np.memmap(self.tmp / "n_atoms.scratch", dtype=np.int32, mode="r", shape=(n,))
+            if n
+            else np.zeros(0, dtype=np.int32)
+        )
+        n_atoms = np.lib.format.open_memmap(self.tmp / N_ATOMS, mode="w+", dtype=np.int32, shape=(n,))
+        offsets = np.lib.format.open_memmap(self.tmp / OFFSETS, mode="w+", dtype=np.int64, shape=(n + 1,))
+        offsets[0] = 0
+        running = np.int64(0)
+        for lo in range(0, n, block):
+            part = np.asarray(counts[lo : lo + block])
+            n_atoms[lo : lo + part.shape[0]] = part
+            cums = np.cumsum(part, dtype=np.int64) + running
+            offsets[lo + 1 : lo + 1 + part.shape[0]] = cums
+            running = cums[-1]
+        n_atoms.flush()
+        offsets.flush()
+        del n_atoms, offsets, counts
+        out = {}
+        for name in (N_ATOMS, OFFSETS):
+            _fsync_path(self.tmp / name)
+            out[name] = sha256_file(self.tmp / name)
+        return out
+
+    def _meta(self, checksums: dict[str, str], extra: dict[str, Any]) -> dict[str, Any]:
+        s = self.stats
+        elements = {symbol(z): int(c) for z, c in enumerate(s.element_counts) if c and z > 0}
+        meta: dict[str, Any] = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "n_molecules": s.n_molecules,
+            "n_atoms_total": s.n_atoms_total,
+            "max_atoms": s.max_atoms,
+            "units": dict(UNITS),
+            "has_forces": self.has_forces,
+            "has_qtot": self.has_qtot,
+            "n_charged_molecules": s.n_charged if self.has_qtot else 0,
+            "element_counts": elements,
+            "provenance": self.provenance,
+            "sha256": dict(sorted(checksums.items())),
+        }
+        if not self.has_qtot:
+            meta["qtot_note"] = "no Qtot.f64: every molecule is neutral"
+        if not self.has_forces:
+            meta["forces_note"] = "no F_pack.f32: the source has no forces"
+        meta.update(extra)
+        return meta
+
+    def _publish(self) -> None:
+        backup: Path | None = None
+        if self.target.exists():
+            if not self.force:
+                raise TargetExistsError(f"{self.target}: appeared while packing; pass --force to replace it")
+            backup = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.old-", dir=self.target.parent))
+            backup.rmdir()
+            os.rename(self.target, backup)
+        try:
+            os.rename(self.tmp, self.target)
+        except OSError:
+            if backup is not None:
+                os.rename(backup, self.target)
+            raise
+        _fsync_path(self.target.parent)
+        if backup is not None:
+            shutil.rmtree(backup, ignore_errors=True)
+
+
+def _check_chunk_shapes(chunk: MoleculeChunk, m: int, atoms: int, first: int) -> None:
+    where = f"molecules {first}..{first + m - 1}"
+    if np.shape(chunk.Z) != (atoms,):
+        raise SourceError(f"{where}: Z has shape {np.shape(chunk.Z)}, expected ({atoms},)")
+    if np.shape(chunk.R) != (atoms, 3):
+        raise SourceError(f"{where}: R has shape {np.shape(chunk.R)}, expected ({atoms}, 3)")
+    if np.shape(chunk.E) != (m,):
+        raise SourceError(f"{where}: E has shape {np.shape(chunk.E)}, expected ({m},)")
+    if chunk.F is not None and np.shape(chunk.F) != (atoms, 3):
+        raise SourceError(f"{where}: F has shape {np.shape(chunk.F)}, expected ({atoms}, 3)")
+    if chunk.Qtot is not None and np.shape(chunk.Qtot) != (m,):
+        raise SourceError(f"{where}: Qtot has shape {np.shape(chunk.Qtot)}, expected ({m},)")
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
