@@ -355,6 +355,7 @@ class PackedWriter:
         if not parent.is_dir():
             raise TargetExistsError(f"{parent}: parent directory of the output does not exist")
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=parent))
+        os.chmod(self.tmp, 0o777 & ~_current_umask())  # mkdtemp makes it 0700; publish like mkdir
         self._writers: dict[str, _HashingWriter] = {
             Z_FILE: _HashingWriter(self.tmp / Z_FILE),
             R_FILE: _HashingWriter(self.tmp / R_FILE),
@@ -513,6 +514,12 @@ def _check_chunk_shapes(chunk: MoleculeChunk, m: int, atoms: int, first: int) ->
         raise SourceError(f"{where}: F has shape {np.shape(chunk.F)}, expected ({atoms}, 3)")
     if chunk.Qtot is not None and np.shape(chunk.Qtot) != (m,):
         raise SourceError(f"{where}: Qtot has shape {np.shape(chunk.Qtot)}, expected ({m},)")
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_path(path: Path) -> None:

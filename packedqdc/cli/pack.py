@@ -2,16 +2,95 @@
 
 from __future__ import annotations
 
-import typer
+from pathlib import Path
+from typing import Optional
 
-from .app import err_console, pack_app
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from ..errors import ConfigError
+from ..pack import PackResult, pack_npz
+from ..sources.npz import DEFAULT_CHUNK_SIZE, parse_keys
+from .app import console, err_console, handles_errors, pack_app
 
 
 @pack_app.command("npz")
-def pack_npz() -> None:
-    """Convert an NPZ file into a packed directory (not built yet)."""
-    err_console.print("pack npz is not built yet.")
-    raise typer.Exit(2)
+@handles_errors
+def pack_npz_command(
+    input: Optional[Path] = typer.Argument(None, help="NPZ file (omit with --sample).", show_default=False),
+    output_dir: Optional[Path] = typer.Argument(None, help="Packed directory to create.", show_default=False),
+    keys: Optional[str] = typer.Option(
+        None, "--keys", help="Member names for roles R,Z,E,F,N,Q, e.g. 'R=coords,Z=atomic_numbers'."
+    ),
+    energy_unit: Optional[str] = typer.Option(
+        None, "--energy-unit", help="kcal/mol, ev, hartree or kj/mol [default: the file's e_unit, else kcal/mol]."
+    ),
+    length_unit: Optional[str] = typer.Option(
+        None, "--length-unit", help="ang or bohr [default: the file's r_unit, else ang]."
+    ),
+    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Drop bad molecules instead of failing."),
+    force: bool = typer.Option(False, "--force", help="Replace OUTPUT_DIR if it exists."),
+    chunk_size: int = typer.Option(DEFAULT_CHUNK_SIZE, "--chunk-size", help="Molecules per chunk (bounds memory)."),
+    sample: bool = typer.Option(False, "--sample", help="Pack the bundled sample; then the only argument is OUTPUT_DIR."),
+) -> None:
+    """Convert an NPZ file (PhysNet padded, sGDML/MD17/rMD17, or flat layout) into a packed directory.
+
+    Energies become kcal/mol, positions Å, forces kcal/mol/Å.
+    """
+    source, target = _input_and_output(input, output_dir, sample)
+    with _progress_bar() as progress:
+        task = progress.add_task("packing", total=None)
+        result = pack_npz(
+            source,
+            target,
+            keys=parse_keys(keys),
+            energy_unit=energy_unit,
+            length_unit=length_unit,
+            skip_invalid=skip_invalid,
+            force=force,
+            chunk_size=chunk_size,
+            progress=lambda done, total: progress.update(task, completed=done, total=total),
+        )
+    _print_result(result)
+
+
+def _input_and_output(input: Path | None, output_dir: Path | None, sample: bool) -> tuple[Path, Path]:
+    """(NPZ file, output directory) from the arguments; with ``--sample`` the one argument is the output."""
+    if sample:
+        from ..data import SAMPLE_NPZ
+
+        if output_dir is not None or input is None:
+            raise ConfigError("with --sample give only OUTPUT_DIR")
+        return SAMPLE_NPZ, input
+    if input is None or output_dir is None:
+        raise ConfigError("give INPUT and OUTPUT_DIR (or --sample OUTPUT_DIR)")
+    return input, output_dir
+
+
+def _progress_bar() -> Progress:
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("molecules"),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+        disable=not err_console.is_terminal,
+    )
+
+
+def _print_result(result: PackResult) -> None:
+    console.print(
+        f"Packed {result.n_molecules} molecules ({result.n_atoms_total} atoms) into {result.path} "
+        f"in {result.seconds:.1f} s",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if result.skipped:
+        console.print(f"Skipped {result.skipped} invalid molecules; first reasons:", highlight=False)
+        for reason in result.skipped_first:
+            console.print(f"  {reason}", highlight=False, soft_wrap=True)
 
 
 @pack_app.command("openqdc")

@@ -1,0 +1,111 @@
+"""Source -> packed directory, streaming, with an optional progress callback (no UI here)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import SourceError
+from .format import PackedWriter
+from .sources import MoleculeSource
+from .sources.npz import DEFAULT_CHUNK_SIZE, NpzSource
+
+#: called after each chunk with (molecules written so far, molecules in the input); a last call
+#: reports (total, total) once the input is exhausted, so skipped molecules still end at 100 %
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class PackResult:
+    """What a pack produced.
+
+    Attributes:
+        path: the published directory.
+        n_molecules: molecules written.
+        n_atoms_total: atoms written.
+        skipped: molecules dropped as invalid (only with ``skip_invalid``).
+        skipped_first: one-line reasons of the first few chunks' first skipped molecule.
+        seconds: wall time of the pack.
+    """
+
+    path: Path
+    n_molecules: int
+    n_atoms_total: int
+    skipped: int = 0
+    skipped_first: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def pack_source(
+    source: MoleculeSource,
+    output: str | os.PathLike[str],
+    *,
+    force: bool = False,
+    progress: ProgressCallback | None = None,
+) -> PackResult:
+    """Stream every chunk of ``source`` into a new packed directory at ``output``, atomically.
+
+    On any error the temporary directory is removed and ``output`` is left as it was.
+
+    Raises:
+        TargetExistsError: ``output`` exists and ``force`` is false.
+        SourceError: from the source, or when no valid molecule remains.
+    """
+    start = time.perf_counter()
+    with PackedWriter(output, has_forces=source.has_forces, has_qtot=source.has_qtot, force=force) as writer:
+        for chunk in source.chunks():
+            writer.append(chunk)
+            if progress is not None:
+                progress(writer.stats.n_molecules, source.n_molecules)
+        if progress is not None:
+            progress(source.n_molecules, source.n_molecules)
+        provenance = source.provenance()
+        if writer.stats.n_molecules == 0:
+            raise SourceError(f"{provenance.get('input', 'input')}: no valid molecules to pack")
+        writer.provenance.update(provenance)
+        extra = {} if provenance.get("had_charges", True) else {
+            "qtot_note": "the source has no total charges: Qtot.f64 is all zeros (neutral)"
+        }
+        path = writer.commit(extra)
+    return PackResult(
+        path=path,
+        n_molecules=writer.stats.n_molecules,
+        n_atoms_total=writer.stats.n_atoms_total,
+        skipped=int(provenance.get("skipped_invalid", 0)),
+        skipped_first=list(getattr(source, "skipped_first", [])),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def pack_npz(
+    input: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    *,
+    keys: dict[str, str] | None = None,
+    energy_unit: str | None = None,
+    length_unit: str | None = None,
+    skip_invalid: bool = False,
+    force: bool = False,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    progress: ProgressCallback | None = None,
+) -> PackResult:
+    """Pack an NPZ file (PhysNet padded, sGDML/MD17/rMD17 trajectory, or flat layout).
+
+    Energies go to kcal/mol, lengths to Å, forces to kcal/mol/Å. Units default to the file's
+    ``e_unit``/``r_unit`` entries when present, else kcal/mol and Å. See :class:`NpzSource`.
+    """
+    with NpzSource(
+        input,
+        keys=keys,
+        energy_unit=energy_unit,
+        length_unit=length_unit,
+        skip_invalid=skip_invalid,
+        chunk_size=chunk_size,
+    ) as source:
+        return pack_source(source, output, force=force, progress=progress)
+
+
+__all__ = ["PackResult", "ProgressCallback", "pack_npz", "pack_source"]

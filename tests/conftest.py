@@ -1,0 +1,40 @@
+"""Shared fixtures: small seeded molecule sets in the PhysNet padded layout, and packed dirs of them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from packedqdc.pack import pack_npz
+
+PaddedFactory = Callable[..., dict[str, np.ndarray]]
+
+
+@pytest.fixture
+def make_padded() -> PaddedFactory:
+    """Factory of PhysNet-layout arrays: R (m, A, 3) f32, Z (m, A) i32, N (m,) i32, E (m,) f64,
+    F (m, A, 3) f32, Q (m,) f64 integral; padding atoms are zero. Seeded, so calls are repeatable."""
+
+    def make(m: int = 40, width: int = 9, seed: int = 0) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        n = rng.integers(1, width + 1, size=m).astype(np.int32)
+        real = np.arange(width) < n[:, None]
+        z = np.where(real, rng.integers(1, 10, size=(m, width)), 0).astype(np.int32)
+        r = np.where(real[..., None], rng.normal(0, 2, size=(m, width, 3)), 0).astype(np.float32)
+        f = np.where(real[..., None], rng.normal(0, 30, size=(m, width, 3)), 0).astype(np.float32)
+        e = rng.normal(-5000, 100, size=m)
+        q = rng.integers(-1, 2, size=m).astype(np.float64)
+        return {"R": r, "Z": z, "N": n, "E": e, "F": f, "Q": q}
+
+    return make
+
+
+@pytest.fixture
+def packed_dir(tmp_path: Path, make_padded: PaddedFactory) -> Path:
+    """A valid packed directory of 40 molecules with forces and charges."""
+    npz = tmp_path / "src.npz"
+    np.savez(npz, **make_padded())
+    return pack_npz(npz, tmp_path / "packed").path
