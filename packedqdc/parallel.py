@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
@@ -201,6 +201,16 @@ class Placement:
             )
             for key, value in batch.items()
         }
+
+    def jit(self, fn: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+        """Compile ``fn(state, global_batch) -> outputs`` for this mesh.
+
+        ``state`` (params, optimizer state, EMA, or a whole train state) is replicated, the global
+        batch sharded over ``"data"``, every output replicated: XLA all-reduces what the batch
+        axis sums (gradients, error sums). ``fn`` may itself be jitted; it is compiled once per
+        shape class of the global batch.
+        """
+        return jax.jit(fn, in_shardings=(self.replicated, self.batch), out_shardings=self.replicated)
 
     def replicate(self, tree: Any) -> Any:
         """Place a pytree (params, optimizer state, EMA) as a full copy on every mesh device.

@@ -92,7 +92,6 @@ def _stand_in_step():
         sq, n = jax.vmap(energy_err, in_axes=(None, 0))(params, batch)
         return jnp.sum(sq) / jnp.sum(n)
 
-    @jax.jit
     def step(params, batch):
         value, grads = jax.value_and_grad(loss)(params, batch)
         return jax.tree.map(lambda p, g: p - 0.1 * g, params, grads), value
@@ -110,11 +109,11 @@ def _run_mesh(out: str) -> None:
     """Same global batches through a 4-device and a 1-device placement; losses and params to out."""
     from packedqdc.parallel import make_placement
 
-    step = _stand_in_step()
     batches = _global_batches(np.arange(N_MOLECULES), devices=4)
     result = {}
     for n in (4, 1):
         placement = make_placement(n)
+        step = placement.jit(_stand_in_step())
         params = placement.replicate(_init_params())
         losses = []
         for b in batches:
@@ -136,7 +135,7 @@ def _run_distributed(out: str, port: int, process_id: int) -> None:
     assert placement.num_devices == 2 and placement.num_local_devices == 1
     order = np.random.default_rng(7).permutation(N_MOLECULES)
     mine = order[process_id::2]
-    step = _stand_in_step()
+    step = placement.jit(_stand_in_step())
     params = placement.replicate(_init_params())
     seen: list[int] = []
     losses = []
