@@ -93,8 +93,4 @@ def _print_result(result: PackResult) -> None:
             console.print(f"  {reason}", highlight=False, soft_wrap=True)
 
 
-@pack_app.command("openqdc")
-def pack_openqdc() -> None:
-    """Convert an OpenQDC dataset into a packed directory (not built yet)."""
-    err_console.print("pack openqdc is not built yet (issue: pack openqdc).")
-    raise typer.Exit(2)
+from . import pack_openqdc as _pack_openqdc  # noqa: E402,F401  (registers ``pack openqdc``)

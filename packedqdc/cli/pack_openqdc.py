@@ -1,0 +1,116 @@
+"""``packedqdc pack openqdc``: an OpenQDC cache -> a packed directory (needs the openqdc extra)."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+import typer
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from ..errors import ConfigError
+from .app import console, err_console, handles_errors, pack_app
+
+if TYPE_CHECKING:
+    from ..sources.openqdc import DatasetInfo
+
+
+class EnergyType(str, Enum):
+    """Values of ``--energy-type``."""
+
+    total = "total"
+    formation = "formation"
+    regression = "regression"
+
+
+@pack_app.command("openqdc")
+@handles_errors
+def pack_openqdc_command(
+    name: str = typer.Argument(..., help="OpenQDC dataset class, e.g. Spice, QM9, ANI1X (case-insensitive)."),
+    output_dir: Optional[Path] = typer.Argument(None, help="Packed directory to create.", show_default=False),
+    cache_dir: Optional[Path] = typer.Option(
+        None, "--cache-dir", help="OpenQDC cache root. Default: $OPENQDC_CACHE_DIR, else ~/.cache/openqdc."
+    ),
+    energy_method: str = typer.Option(
+        "0", "--energy-method", "-m", help="Level of theory: index, method string or target name."
+    ),
+    energy_type: EnergyType = typer.Option(
+        EnergyType.total, "--energy-type", case_sensitive=False, help="total, formation or regression."
+    ),
+    subset: Optional[str] = typer.Option(None, "--subset", help="Keep only this subset."),
+    list_methods: bool = typer.Option(False, "--list-methods", help="Print the levels of theory and exit."),
+    force: bool = typer.Option(False, "--force", help="Replace OUTPUT_DIR if it exists."),
+) -> None:
+    """Convert a downloaded OpenQDC dataset into a packed directory.
+
+    Reads the cache files directly: bounded memory, no network.
+    Energies become kcal/mol, positions Å, forces kcal/mol/Å; NaN-labelled molecules are skipped.
+    """
+    _require_openqdc()
+    from ..sources.openqdc import pack_openqdc, resolve_dataset
+
+    if list_methods:
+        _print_methods(resolve_dataset(name))
+        return
+    if output_dir is None:
+        raise ConfigError("give OUTPUT_DIR (or --list-methods)")
+    with _progress_bar() as progress:
+        task = progress.add_task(f"packing {name}", total=None)
+        result = pack_openqdc(
+            name,
+            output_dir,
+            cache_dir=cache_dir,
+            energy_method=energy_method,
+            energy_type=energy_type.value,
+            subset=subset,
+            force=force,
+            progress=lambda done, total: progress.update(task, completed=done, total=total),
+        )
+    console.print(
+        f"Packed {result.n_molecules} molecules ({result.n_atoms_total} atoms) into {result.path} "
+        f"in {result.seconds:.1f} s",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if result.skipped:
+        console.print(f"Skipped {result.skipped} molecules with NaN labels; first ones:", highlight=False)
+        for reason in result.skipped_first:
+            console.print(f"  {reason}", highlight=False, soft_wrap=True)
+
+
+def _require_openqdc() -> None:
+    """Exit 2 with the install hint when openqdc is missing (printed verbatim: it holds brackets)."""
+    from ..sources.openqdc import import_openqdc
+
+    try:
+        import_openqdc()
+    except ConfigError as exc:
+        err_console.print("[bold red]Error:[/]", escape(str(exc)), highlight=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+
+
+def _print_methods(info: DatasetInfo) -> None:
+    """Tab-separated lines, one per level of theory: index, method string, target name, forces."""
+    typer.echo(
+        f"{info.class_name}: {len(info.methods)} energy methods "
+        f"(stored in {info.energy_unit}, distances in {info.distance_unit})"
+    )
+    typer.echo("index\tmethod\ttarget name\tforces")
+    for m in info.methods:
+        typer.echo(f"{m.index}\t{m.name or '-'}\t{m.target}\t{'forces' if m.has_forces else 'no forces'}")
+
+
+def _progress_bar() -> Progress:
+    """A molecules progress bar on stderr, shown only on a terminal."""
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("molecules"),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+        disable=not err_console.is_terminal,
+    )
