@@ -1,0 +1,488 @@
+"""``PackedMemmapLoader``: the seed's loader API with correct, static-shape, prefetched batches.
+
+A loader owns the molecule order: each epoch is shuffled by ``(seed, epoch)``, every molecule of
+``indices`` appears exactly once, batches have static shapes, and the position within the epoch can
+be saved (``state()``) and restored (``restore()``). See ``docs/loader.md`` for the user guide and
+``docs/architecture.md`` for the batch contract.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .batching import (
+    Assembler,
+    BatchShape,
+    EpochPlan,
+    LayoutSpec,
+    all_pair_counts,
+    check_budgets,
+    cutoff_pair_counts,
+    design_budgets,
+    group_batches,
+    group_shape_ids,
+    packed_plan,
+    padded_plan,
+)
+from .errors import ConfigError, FormatError
+from .format import open_packed
+
+LAYOUTS = ("padded", "packed")
+CHUNK_MOLECULES = 4096  # molecules assembled per vectorised chunk
+_GROUP_STREAM = 1  # rng stream of the group order, apart from the molecule order
+
+Batch = dict[str, Any]
+
+
+class PackedMemmapLoader:
+    """Batches of a packed directory, in the seed's API.
+
+    Args:
+        path: packed directory (see ``packedqdc.format``).
+        batch_size: molecules per batch (``padded``), or the average molecules per batch (``packed``).
+        shuffle: reshuffle every epoch, seeded by ``(seed, epoch)``; False keeps ``indices`` order.
+        bucket_size: ``padded`` layout only: after shuffling, molecules are sorted by size within
+            buckets of this many (the seed's bucketing); batches are then shuffled.
+        seed: seed of every shuffle.
+        budgets: fixed ``(A, M, P)`` classes for the ``packed`` layout instead of automatic ones.
+        prefetch: batches assembled ahead in a background thread; 0 assembles in the caller.
+        process_index, process_count: this process's shard (see ``shard``).
+
+    Attributes:
+        dataset: the open ``PackedDataset`` (memmaps).
+        n_atoms: (N_dataset,) int32 atoms of every molecule of the dataset, in memory.
+        has_forces: the dataset has forces (``F`` is zeros otherwise); has_qtot likewise for ``Qtot``.
+        epoch, position: the next batch to yield: epoch number and batches already yielded in it.
+
+    Raises:
+        FormatError: the directory is missing, damaged or inconsistent.
+        ConfigError: invalid options.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        batch_size: int,
+        shuffle: bool = True,
+        bucket_size: int = 8192,
+        seed: int = 0,
+        *,
+        budgets: list[tuple[int, int, int]] | None = None,
+        prefetch: int = 2,
+        process_index: int = 0,
+        process_count: int = 1,
+    ) -> None:
+        if int(batch_size) < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        if int(bucket_size) < 1:
+            raise ConfigError(f"bucket_size must be >= 1, got {bucket_size}")
+        if int(prefetch) < 0:
+            raise ConfigError(f"prefetch must be >= 0, got {prefetch}")
+        self.path = Path(path)
+        self.dataset = open_packed(path)
+        self.n_atoms = np.array(self.dataset.n_atoms, dtype=np.int32)
+        self._offsets = np.array(self.dataset.offsets, dtype=np.int64)
+        _check_index(self.path, self.n_atoms, self._offsets)
+        self.batch_size = int(batch_size)
+        self.shuffle = bool(shuffle)
+        self.bucket_size = int(bucket_size)
+        self.seed = int(seed)
+        self.prefetch = int(prefetch)
+        self.budgets = None if budgets is None else [BatchShape(*(int(x) for x in b)) for b in budgets]
+        self.process_index, self.process_count = _check_shard(process_index, process_count)
+        self.has_forces = self.dataset.F is not None
+        self.has_qtot = self.dataset.Qtot is not None
+        self.epoch = 0
+        self.position = 0
+        self._indices = np.arange(self.dataset.n_molecules, dtype=np.int64)
+        self._pair_counts: dict[float, np.ndarray] = {}  # dataset-wide, per cutoff; shared by derived loaders
+        self._budget_cache: dict[float | None, list[BatchShape]] = {}
+        self._plan_cache: tuple[Any, EpochPlan] | None = None
+
+    # ---- the seed's attributes -------------------------------------------------------------
+
+    @property
+    def indices(self) -> np.ndarray:
+        """(N,) int64 dataset indices this loader serves. Setting it also sets ``N``."""
+        return self._indices
+
+    @indices.setter
+    def indices(self, value: Any) -> None:
+        idx = np.asarray(value)
+        if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
+            raise ConfigError(f"indices must be a 1-D integer array, got shape {idx.shape} {idx.dtype}")
+        idx = idx.astype(np.int64)
+        bad = np.flatnonzero((idx < 0) | (idx >= self.dataset.n_molecules))
+        if bad.size:
+            raise ConfigError(
+                f"indices[{int(bad[0])}] = {int(idx[bad[0]])} is outside the dataset's "
+                f"{self.dataset.n_molecules} molecules"
+            )
+        self._indices = idx
+        self._budget_cache = {}
+        self._plan_cache = None
+
+    @property
+    def N(self) -> int:
+        """Number of molecules served (``len(indices)``). Assigning the same value is accepted."""
+        return int(self._indices.shape[0])
+
+    @N.setter
+    def N(self, value: int) -> None:
+        if int(value) != self.N:
+            raise ConfigError(f"N = {value} does not match len(indices) = {self.N}; set indices instead")
+
+    def __len__(self) -> int:
+        return self.N
+
+    def __repr__(self) -> str:
+        shard = f", shard={self.process_index}/{self.process_count}" if self.process_count > 1 else ""
+        return (
+            f"PackedMemmapLoader(path='{self.path}', N={self.N}, batch_size={self.batch_size}, "
+            f"shuffle={self.shuffle}, bucket_size={self.bucket_size}, seed={self.seed}, "
+            f"epoch={self.epoch}, position={self.position}{shard})"
+        )
+
+    # ---- derived loaders ---------------------------------------------------------------------
+
+    def _derive(self, indices: np.ndarray | None = None, **changes: Any) -> PackedMemmapLoader:
+        other = copy.copy(self)
+        other._budget_cache = {}
+        other._plan_cache = None
+        other.epoch = 0
+        other.position = 0
+        for key, value in changes.items():
+            setattr(other, key, value)
+        if indices is not None:
+            other.indices = indices
+        return other
+
+    def shard(self, index: int, count: int) -> PackedMemmapLoader:
+        """A loader for process ``index`` of ``count`` over the same molecules and seed.
+
+        Every process computes the same epoch order; the batches are dealt out in groups of
+        ``count`` (times the devices of ``stacked_batches``), each group of one shape class, and
+        process ``index`` takes its member of each group. All processes yield the same number of
+        batches per epoch with the same shapes in the same order; where a class's batches do not
+        divide evenly, the last group is completed with all-padding batches (``mol_mask`` all
+        False), so each molecule is still seen exactly once per epoch.
+        """
+        process_index, process_count = _check_shard(index, count)
+        return self._derive(process_index=process_index, process_count=process_count)
+
+    # ---- state -----------------------------------------------------------------------------
+
+    def state(self) -> dict[str, int]:
+        """JSON-able position: ``{"seed", "epoch", "position"}`` (position: items yielded this epoch)."""
+        return {"seed": self.seed, "epoch": self.epoch, "position": self.position}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from a ``state()``: the next iterator yields exactly what the saved one would have."""
+        try:
+            seed, epoch, position = int(state["seed"]), int(state["epoch"]), int(state["position"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"loader state {state!r}: needs integer seed, epoch, position ({exc})") from None
+        if epoch < 0 or position < 0:
+            raise ConfigError(f"loader state {state!r}: epoch and position must be >= 0")
+        self.seed, self.epoch, self.position = seed, epoch, position
+        self._budget_cache = {}
+        self._plan_cache = None
+
+    # ---- shapes and plans --------------------------------------------------------------------
+
+    def _spec(self, layout: str | None, num_atoms: int | None, cutoff: float | None) -> LayoutSpec:
+        layout = layout or "padded"
+        if layout not in LAYOUTS:
+            raise ConfigError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        if cutoff is not None and not float(cutoff) > 0:
+            raise ConfigError(f"cutoff must be > 0 Å, got {cutoff}")
+        cutoff = None if cutoff is None else float(cutoff)
+        if layout == "packed":
+            if num_atoms is not None:
+                raise ConfigError("num_atoms applies to layout='padded'; the packed layout uses budgets")
+            return LayoutSpec("packed", 0, cutoff)
+        sizes = self.n_atoms[self._indices]
+        na = int(self.n_atoms.max(initial=1)) if num_atoms is None else int(num_atoms)
+        if na < 1:
+            raise ConfigError(f"num_atoms must be >= 1, got {na}")
+        bad = np.flatnonzero(sizes > na)
+        if bad.size:
+            i = int(bad[0])
+            raise ConfigError(
+                f"molecule {int(self._indices[i])} has {int(sizes[i])} atoms, more than num_atoms={na}"
+            )
+        return LayoutSpec("padded", na, cutoff)
+
+    def _pairs(self, cutoff: float | None) -> np.ndarray:
+        """(N,) int64 pairs of each served molecule (all ordered pairs, or those within ``cutoff``)."""
+        if cutoff is None:
+            return all_pair_counts(self.n_atoms[self._indices])
+        if cutoff not in self._pair_counts:
+            self._pair_counts[cutoff] = cutoff_pair_counts(self.dataset, self.n_atoms, cutoff)
+        return self._pair_counts[cutoff][self._indices]
+
+    def _budgets(self, cutoff: float | None) -> list[BatchShape]:
+        if cutoff not in self._budget_cache:
+            pairs = self._pairs(cutoff)
+            if self.budgets is not None:
+                check_budgets(self.budgets, self._indices, self.n_atoms, pairs)
+                self._budget_cache[cutoff] = list(self.budgets)
+            else:
+                sizes = self.n_atoms[self._indices].astype(np.int64)
+                self._budget_cache[cutoff] = design_budgets(sizes, pairs, self.batch_size, self.seed)
+        return self._budget_cache[cutoff]
+
+    def _plan(self, spec: LayoutSpec, epoch: int) -> EpochPlan:
+        key = (spec, epoch, self.seed, self.shuffle, self.batch_size, self.bucket_size)
+        if self._plan_cache is not None and self._plan_cache[0] == key:
+            return self._plan_cache[1]
+        rng = np.random.default_rng([self.seed, epoch]) if self.shuffle else None
+        if spec.layout == "padded":
+            plan = padded_plan(self._indices, self.n_atoms, self.batch_size, spec.num_atoms, self.bucket_size, rng)
+        else:
+            budgets = self._budgets(spec.cutoff)
+            plan = packed_plan(self._indices, self.n_atoms, self._pairs(spec.cutoff), budgets, rng)
+        self._plan_cache = (key, plan)
+        return plan
+
+    def _steps(self, spec: LayoutSpec, epoch: int, num_devices: int) -> tuple[EpochPlan, np.ndarray, np.ndarray]:
+        """This process's (n_steps, num_devices) batch ids (-1: all padding) and each step's class."""
+        plan = self._plan(spec, epoch)
+        rng = np.random.default_rng([self.seed, epoch, _GROUP_STREAM]) if self.shuffle else None
+        groups = group_batches(plan, self.process_count * num_devices, rng)
+        shape_ids = group_shape_ids(plan, groups) if groups.size else np.zeros(0, dtype=np.int32)
+        lo = self.process_index * num_devices
+        return plan, groups[:, lo : lo + num_devices], shape_ids
+
+    def shapes(self, layout: str | None = None, num_atoms: int | None = None, cutoff: float | None = None) -> list[BatchShape]:
+        """The distinct ``(A, M, P)`` shapes a layout can yield (one for ``padded``, at most 4 for ``packed``)."""
+        spec = self._spec(layout, num_atoms, cutoff)
+        if spec.layout == "padded":
+            na, B = spec.num_atoms, self.batch_size
+            return [BatchShape(B * na, B, B * na * (na - 1))]
+        return sorted(self._budgets(spec.cutoff), key=lambda s: (s.P, s.A, s.M))
+
+    def num_batches(
+        self,
+        layout: str | None = None,
+        num_atoms: int | None = None,
+        cutoff: float | None = None,
+        num_devices: int = 1,
+        epoch: int | None = None,
+    ) -> int:
+        """Items this process yields in ``epoch`` (default: the current one), from its start.
+
+        ``padded``: ``ceil(N / batch_size)`` (divided over shards). ``packed``: depends slightly on
+        the epoch's order, so it is computed from that epoch's plan (cheap: no data is read).
+        With ``num_devices`` > 1 it counts ``stacked_batches`` items.
+        """
+        spec = self._spec(layout, num_atoms, cutoff)
+        _, steps, _ = self._steps(spec, self.epoch if epoch is None else int(epoch), int(num_devices))
+        return int(steps.shape[0])
+
+    # ---- iteration ---------------------------------------------------------------------------
+
+    def batches(
+        self,
+        num_atoms: int | None = None,
+        physnet_format: bool = True,
+        layout: str | None = None,
+        cutoff: float | None = None,
+        *,
+        prefetch: int | None = None,
+        transfer: Callable[[Batch], Any] | None = None,
+    ) -> Iterator[Batch]:
+        """Iterate over the rest of the current epoch (all of it from a fresh loader), then advance.
+
+        Args:
+            num_atoms: ``padded`` layout: atom slots per molecule; None uses the dataset's largest
+                molecule (static for every epoch).
+            physnet_format: True: the flat batch contract of ``docs/architecture.md``. False
+                (``padded`` only): the seed's ``(B, num_atoms)`` arrays Z, R, F, mask plus
+                E, N, Qtot, mol_mask, mol_idx of shape (B,).
+            layout: ``"padded"`` (default; the seed's meaning of ``batches(num_atoms=60)``) or
+                ``"packed"`` (budget classes; ``num_atoms`` must be None).
+            cutoff: keep only pairs closer than this (Å); None: all ordered pairs of each molecule.
+            prefetch: batches assembled ahead in a background thread (default: the loader's).
+            transfer: applied to each batch in the background thread, e.g. ``jax.device_put``.
+
+        Raises:
+            ConfigError: at the call, before any batch, e.g. a molecule larger than ``num_atoms``.
+        """
+        spec = self._spec(layout, num_atoms, cutoff)
+        if not physnet_format and spec.layout != "padded":
+            raise ConfigError("physnet_format=False needs layout='padded'")
+        convert = None if physnet_format else _seed_format
+        return self._iterate(spec, 1, convert, prefetch, transfer)
+
+    def stacked_batches(
+        self,
+        num_devices: int,
+        num_atoms: int | None = None,
+        layout: str | None = None,
+        cutoff: float | None = None,
+        *,
+        prefetch: int | None = None,
+        transfer: Callable[[Batch], Any] | None = None,
+    ) -> Iterator[Batch]:
+        """Like ``batches`` but each item holds ``num_devices`` batches of one shape class.
+
+        Every array gains a leading axis ``num_devices`` (e.g. ``R`` is ``(D, A, 3)``), ready to be
+        sharded over devices. Groups are completed with all-padding batches where a class runs out.
+        """
+        if int(num_devices) < 1:
+            raise ConfigError(f"num_devices must be >= 1, got {num_devices}")
+        spec = self._spec(layout, num_atoms, cutoff)
+        return self._iterate(spec, int(num_devices), None, prefetch, transfer)
+
+    def _iterate(
+        self,
+        spec: LayoutSpec,
+        num_devices: int,
+        convert: Callable[[Batch], Batch] | None,
+        prefetch: int | None,
+        transfer: Callable[[Batch], Any] | None,
+    ) -> Iterator[Batch]:
+        epoch, start = self.epoch, self.position
+        plan, steps, shape_ids = self._steps(spec, epoch, num_devices)
+        assembler = Assembler(self.dataset, self.n_atoms, self._offsets, spec)
+        per_chunk = max(1, CHUNK_MOLECULES // (self.batch_size * num_devices))
+
+        def produce() -> Iterator[Batch]:
+            for lo in range(start, steps.shape[0], per_chunk):
+                ids = steps[lo : lo + per_chunk]
+                shape_of = np.repeat(shape_ids[lo : lo + per_chunk], num_devices)
+                for item in assembler.assemble(plan, ids.reshape(-1), shape_of, num_devices):
+                    yield item if convert is None else convert(item)
+
+        depth = self.prefetch if prefetch is None else int(prefetch)
+        return self._track(epoch, prefetched(produce(), depth, transfer))
+
+    def _track(self, epoch: int, items: Iterator[Batch]) -> Iterator[Batch]:
+        try:
+            for item in items:
+                self.position += 1
+                yield item
+        finally:
+            items.close()  # type: ignore[attr-defined]
+        self.epoch, self.position = epoch + 1, 0
+
+
+def _seed_format(batch: Batch) -> Batch:
+    """The seed's non-PhysNet padded format: (B, num_atoms) arrays plus ``mask``."""
+    B = batch["N"].shape[0]
+    return {
+        "Z": batch["Z"].reshape(B, -1),
+        "R": batch["R"].reshape(B, -1, 3),
+        "F": batch["F"].reshape(B, -1, 3),
+        "mask": batch["atom_mask"].reshape(B, -1),
+        "E": batch["E"],
+        "N": batch["N"],
+        "Qtot": batch["Qtot"],
+        "mol_mask": batch["mol_mask"],
+        "mol_idx": batch["mol_idx"],
+    }
+
+
+def _check_index(path: Path, n_atoms: np.ndarray, offsets: np.ndarray) -> None:
+    """FormatError if ``n_atoms`` and ``offsets`` disagree or a molecule has no atoms."""
+    diff = np.diff(offsets)
+    bad = np.flatnonzero((diff != n_atoms) | (n_atoms < 1))
+    if bad.size:
+        i = int(bad[0])
+        raise FormatError(
+            f"{path / 'n_atoms.npy'}: molecule {i} has n_atoms {int(n_atoms[i])} but offsets give {int(diff[i])} "
+            "(each molecule needs >= 1 atom)"
+        )
+
+
+def _check_shard(index: int, count: int) -> tuple[int, int]:
+    index, count = int(index), int(count)
+    if count < 1 or not 0 <= index < count:
+        raise ConfigError(f"shard {index} of {count}: need count >= 1 and 0 <= index < count")
+    return index, count
+
+
+class _Failure:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+_DONE = object()
+
+
+def prefetched(items: Iterator[Any], depth: int, transfer: Callable[[Any], Any] | None = None) -> Iterator[Any]:
+    """Run ``items`` (and ``transfer`` on each) in a background thread, ``depth`` items ahead.
+
+    Memory stays bounded by ``depth`` items plus the one being built. An exception in the thread is
+    re-raised in the consumer. Closing the returned generator (or dropping it) stops the thread.
+    ``depth`` 0 runs everything in the caller's thread.
+    """
+    if depth <= 0:
+        return (item if transfer is None else transfer(item) for item in items)
+    return _threaded(items, depth, transfer)
+
+
+def _threaded(items: Iterator[Any], depth: int, transfer: Callable[[Any], Any] | None) -> Iterator[Any]:
+    q: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(obj: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(obj, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for item in items:
+                if not put(item if transfer is None else transfer(item)):
+                    return
+            put(_DONE)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            put(_Failure(exc))
+
+    thread = threading.Thread(target=work, name="packedqdc-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            obj = q.get()
+            if obj is _DONE:
+                return
+            if isinstance(obj, _Failure):
+                raise obj.exc
+            yield obj
+    finally:
+        stop.set()
+        thread.join()
+
+
+def split_loader(
+    loader: PackedMemmapLoader, train_fraction: float = 0.9, seed: int | None = None
+) -> tuple[PackedMemmapLoader, PackedMemmapLoader]:
+    """Disjoint, reproducible train/validation split of ``loader``'s molecules.
+
+    The molecules are permuted with ``seed`` (default: the loader's seed); the first
+    ``round(train_fraction * N)`` go to training, the rest to validation. Both loaders share the
+    open dataset; the training loader keeps ``loader.shuffle``, the validation loader does not
+    shuffle. Indices are sorted within each split (reads stay local when not shuffled).
+    """
+    if not 0.0 < float(train_fraction) < 1.0:
+        raise ConfigError(f"train_fraction must be between 0 and 1 (exclusive), got {train_fraction}")
+    rng = np.random.default_rng(loader.seed if seed is None else int(seed))
+    perm = loader.indices[rng.permutation(loader.N)]
+    n_train = int(round(float(train_fraction) * loader.N))
+    train = loader._derive(np.sort(perm[:n_train]))
+    valid = loader._derive(np.sort(perm[n_train:]), shuffle=False)
+    return train, valid

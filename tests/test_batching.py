@@ -1,0 +1,84 @@
+"""batching: pair templates, greedy fill, level choice, plans, grouping."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from packedqdc.batching import (
+    BatchShape,
+    choose_levels,
+    design_budgets,
+    greedy_fill,
+    group_batches,
+    packed_plan,
+    padded_plan,
+    pair_templates,
+    ranges,
+)
+
+
+def test_pair_templates_all_ordered_pairs():
+    start, dst, src = pair_templates(6)
+    for n in range(7):
+        d, s = dst[start[n] : start[n + 1]], src[start[n] : start[n + 1]]
+        assert set(zip(d.tolist(), s.tolist())) == {(i, j) for i in range(n) for j in range(n) if i != j}
+        assert (np.diff(d) >= 0).all()
+
+
+def test_ranges():
+    np.testing.assert_array_equal(ranges(np.array([5, 0, 10]), np.array([2, 0, 3])), [5, 6, 10, 11, 12])
+
+
+def test_greedy_fill_respects_caps():
+    rng = np.random.default_rng(0)
+    atoms = rng.integers(1, 20, 500)
+    pairs = atoms * (atoms - 1)
+    bounds = greedy_fill(atoms, pairs, 100, 1500, 9)
+    assert bounds[0] == 0 and bounds[-1] == 500
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        assert hi > lo and atoms[lo:hi].sum() <= 100 and pairs[lo:hi].sum() <= 1500 and hi - lo <= 9
+        if hi < 500:  # closed because the next molecule did not fit
+            assert atoms[lo : hi + 1].sum() > 100 or pairs[lo : hi + 1].sum() > 1500 or hi - lo == 9
+
+
+def test_choose_levels_covers_and_is_few():
+    totals = np.random.default_rng(1).normal(1000, 100, 2000).astype(int)
+    levels = choose_levels(totals, 4)
+    assert len(levels) <= 4 and levels[-1] == totals.max()
+    served = np.asarray(levels)[np.searchsorted(levels, totals)]
+    assert totals.sum() / served.sum() > 0.93
+
+
+def test_design_budgets_and_plan_cover_every_molecule_once():
+    rng = np.random.default_rng(2)
+    n_atoms = rng.integers(3, 30, 3000).astype(np.int32)
+    idx = np.arange(3000)
+    pairs = n_atoms.astype(np.int64) * (n_atoms - 1)
+    budgets = design_budgets(n_atoms.astype(np.int64), pairs, 32, seed=0)
+    assert 1 <= len(budgets) <= 4 and all(b.A == budgets[0].A for b in budgets)
+    plan = packed_plan(idx, n_atoms, pairs, budgets, np.random.default_rng(3))
+    assert sorted(plan.mols.tolist()) == idx.tolist()
+    for b in range(plan.n_batches):
+        mols = plan.mols[plan.bounds[b] : plan.bounds[b + 1]]
+        shape = plan.shapes[plan.shape_ids[b]]
+        assert n_atoms[mols].sum() + 1 <= shape.A and len(mols) + 1 <= shape.M and pairs[mols].sum() <= shape.P
+
+
+def test_padded_plan_only_last_batch_partial():
+    n_atoms = np.random.default_rng(4).integers(1, 10, 103)
+    plan = padded_plan(np.arange(103), n_atoms, 10, 12, 16, np.random.default_rng(0))
+    sizes = np.diff(plan.bounds)
+    assert sorted(plan.mols.tolist()) == list(range(103))
+    assert (sizes == 10).sum() == 10 and sorted(sizes.tolist())[0] == 3
+    assert plan.shapes == (BatchShape(120, 10, 10 * 12 * 11),)
+
+
+def test_group_batches_one_class_per_group():
+    n_atoms = np.random.default_rng(5).integers(3, 30, 800).astype(np.int32)
+    pairs = n_atoms.astype(np.int64) * (n_atoms - 1)
+    plan = packed_plan(np.arange(800), n_atoms, pairs, design_budgets(n_atoms, pairs, 16, 0), None)
+    groups = group_batches(plan, 3, np.random.default_rng(0))
+    real = groups[groups >= 0]
+    assert sorted(real.tolist()) == list(range(plan.n_batches))
+    for g in groups:
+        assert len({int(plan.shape_ids[b]) for b in g if b >= 0}) == 1

@@ -1,0 +1,238 @@
+"""PackedMemmapLoader: contents, order, shapes, split, shard, resume, prefetch, errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from packedqdc.errors import ConfigError, FormatError
+from packedqdc.format import MoleculeChunk, PackedWriter, open_packed
+from packedqdc.loader import PackedMemmapLoader, split_loader
+
+
+def write_dataset(path, n_mol=300, lo=1, hi=14, seed=0, forces=True, qtot=True):
+    rng = np.random.default_rng(seed)
+    n = rng.integers(lo, hi + 1, n_mol).astype(np.int32)
+    A = int(n.sum())
+    chunk = MoleculeChunk(
+        n_atoms=n,
+        Z=rng.integers(1, 10, A).astype(np.int32),
+        R=rng.normal(0, 1.5, (A, 3)).astype(np.float32),
+        E=rng.normal(-1000, 50, n_mol),
+        F=rng.normal(size=(A, 3)).astype(np.float32) if forces else None,
+        Qtot=rng.integers(-1, 2, n_mol).astype(np.float64) if qtot else None,
+    )
+    with PackedWriter(path, has_forces=forces, has_qtot=qtot) as w:
+        w.append(chunk)
+        w.commit()
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("d") / "ds")
+
+
+def check_batch(ds, batch, cutoff=None):
+    """Every field of every real molecule equals the files; pairs complete, confined, masked."""
+    A, M, P = batch["Z"].shape[0], batch["N"].shape[0], batch["dst_idx"].shape[0]
+    assert batch["R"].shape == batch["F"].shape == (A, 3)
+    assert batch["E"].dtype == np.float64 and batch["Qtot"].dtype == np.float64
+    assert batch["Z"].dtype == np.int32 and batch["dst_idx"].dtype == np.int32 and batch["mol_idx"].dtype == np.int64
+    seg, dst, src, pm = batch["batch_segments"], batch["dst_idx"], batch["src_idx"], batch["pair_mask"]
+    assert seg.min() >= 0 and seg.max() < M and dst.min() >= 0 and dst.max() < A and src.max() < A
+    am = batch["atom_mask"]
+    assert am[dst[pm]].all() and am[src[pm]].all()
+    assert (seg[dst[pm]] == seg[src[pm]]).all()
+    assert (batch["mol_idx"] >= 0).tolist() == batch["mol_mask"].tolist()
+    assert (batch["N"][~batch["mol_mask"]] == 0).all() and (batch["Z"][~am] == 0).all()
+    real_pairs = set(zip(dst[pm].tolist(), src[pm].tolist()))
+    assert len(real_pairs) == int(pm.sum())
+    for slot in np.flatnonzero(batch["mol_mask"]):
+        i = int(batch["mol_idx"][slot])
+        mol = ds.molecule(i)
+        atoms = np.flatnonzero(am & (seg == slot))
+        assert len(atoms) == batch["N"][slot] == ds.n_atoms[i]
+        np.testing.assert_array_equal(batch["Z"][atoms], mol["Z"])
+        np.testing.assert_array_equal(batch["R"][atoms], mol["R"])
+        np.testing.assert_array_equal(batch["F"][atoms], mol["F"] if mol["F"] is not None else 0)
+        assert batch["E"][slot] == mol["E"] and batch["Qtot"][slot] == mol["Qtot"]
+        everything = {(int(a), int(b)) for a in atoms for b in atoms if a != b}
+        mine = {(a, b) for a, b in real_pairs if a in set(atoms.tolist())}
+        if cutoff is None:
+            assert mine == everything
+        else:
+            dist = {(a, b): float(np.linalg.norm(batch["R"][a] - batch["R"][b])) for a, b in everything}
+            assert mine <= everything
+            assert all(dist[p] < cutoff + 1e-4 for p in mine)
+            assert all(p in mine for p, d in dist.items() if d < cutoff - 1e-4)
+
+
+LAYOUTS = [dict(num_atoms=16), dict(layout="packed"), dict(layout="packed", cutoff=2.0), dict(num_atoms=14, cutoff=2.0)]
+
+
+@pytest.mark.parametrize("kw", LAYOUTS)
+def test_contents_masks_pairs_and_each_molecule_once(data, kw):
+    ds = open_packed(data)
+    loader = PackedMemmapLoader(data, batch_size=8, seed=3)
+    seen = []
+    shapes = {tuple(s) for s in loader.shapes(layout=kw.get("layout"), num_atoms=kw.get("num_atoms"), cutoff=kw.get("cutoff"))}
+    count = 0
+    for batch in loader.batches(**kw):
+        check_batch(ds, batch, kw.get("cutoff"))
+        assert (batch["Z"].shape[0], batch["N"].shape[0], batch["dst_idx"].shape[0]) in shapes
+        seen.extend(batch["mol_idx"][batch["mol_mask"]].tolist())
+        count += 1
+    assert sorted(seen) == list(range(ds.n_molecules))
+    assert count == loader.num_batches(**{k: v for k, v in kw.items()}, epoch=0)
+    assert loader.epoch == 1 and loader.position == 0
+    assert len(shapes) <= 4
+
+
+def test_packed_budgets_efficient_and_average_batch_size(tmp_path):
+    path = write_dataset(tmp_path / "big", n_mol=4000, lo=3, hi=29, seed=1)
+    loader = PackedMemmapLoader(path, batch_size=32, prefetch=0)
+    atoms = slots = pairs = pslots = mols = nb = 0
+    for b in loader.batches(layout="packed"):
+        atoms += b["atom_mask"].sum(); slots += b["Z"].shape[0]
+        pairs += b["pair_mask"].sum(); pslots += b["pair_mask"].shape[0]
+        mols += b["mol_mask"].sum(); nb += 1
+    assert atoms / slots > 0.95 and pairs / pslots > 0.9
+    assert 30 <= mols / nb <= 34
+
+
+def test_padded_layout_shapes_and_seed_format(data):
+    loader = PackedMemmapLoader(data, batch_size=7, shuffle=False)
+    batches = list(loader.batches(num_atoms=16, physnet_format=False))
+    assert all(b["Z"].shape == (7, 16) and b["R"].shape == (7, 16, 3) and b["mask"].shape == (7, 16) for b in batches)
+    last = batches[-1]
+    assert last["mol_mask"].sum() == 300 - 7 * (len(batches) - 1)
+    assert last["mask"].sum() == last["N"].sum()
+    flat = next(iter(PackedMemmapLoader(data, batch_size=7).batches()))
+    na = int(open_packed(data).n_atoms.max())
+    assert flat["Z"].shape == (7 * na,) and flat["dst_idx"].shape == (7 * na * (na - 1),)
+
+
+def test_determinism_and_reshuffle(data):
+    def epoch_ids(loader):
+        return [b["mol_idx"].tolist() for b in loader.batches(layout="packed")]
+
+    a, b = PackedMemmapLoader(data, 8, seed=5), PackedMemmapLoader(data, 8, seed=5)
+    first = epoch_ids(a)
+    assert first == epoch_ids(b)
+    assert epoch_ids(a) != first
+    assert epoch_ids(PackedMemmapLoader(data, 8, seed=6)) != first
+
+
+def test_split_disjoint_reproducible(data):
+    loader = PackedMemmapLoader(data, 8)
+    train, valid = split_loader(loader, 0.8, seed=1)
+    assert len(train) == 240 and len(valid) == 60 and train.N == 240
+    assert not set(train.indices.tolist()) & set(valid.indices.tolist())
+    again, _ = split_loader(loader, 0.8, seed=1)
+    np.testing.assert_array_equal(train.indices, again.indices)
+    seen = [i for b in valid.batches(num_atoms=14) for i in b["mol_idx"][b["mol_mask"]].tolist()]
+    assert sorted(seen) == sorted(valid.indices.tolist())
+
+
+def test_manual_split_like_seed(data):
+    loader = PackedMemmapLoader(data, 8)
+    part = PackedMemmapLoader(data, 8, shuffle=False)
+    part.indices = loader.indices[:100]
+    part.N = 100
+    assert len(part) == 100
+    with pytest.raises(ConfigError):
+        part.N = 7
+
+
+@pytest.mark.parametrize("kw", [dict(num_atoms=14), dict(layout="packed")])
+def test_shards_disjoint_equal_counts_same_shapes(data, kw):
+    loader = PackedMemmapLoader(data, 8, seed=2)
+    shards = [loader.shard(k, 3) for k in range(3)]
+    runs = [list(s.batches(**kw)) for s in shards]
+    assert len({len(r) for r in runs}) == 1
+    assert len(runs[0]) == shards[0].num_batches(**kw, epoch=0)
+    for step in zip(*runs):
+        assert len({b["Z"].shape + b["dst_idx"].shape for b in step}) == 1
+    ids = [i for r in runs for b in r for i in b["mol_idx"][b["mol_mask"]].tolist()]
+    assert sorted(ids) == list(range(300))
+
+
+def test_stacked_batches(data):
+    loader = PackedMemmapLoader(data, 8, seed=2)
+    ids = []
+    for g in loader.stacked_batches(num_devices=2, layout="packed"):
+        assert g["R"].shape[0] == 2 and g["R"].shape[2] == 3 and g["dst_idx"].shape[0] == 2
+        ids.extend(g["mol_idx"][g["mol_mask"]].tolist())
+    assert sorted(ids) == list(range(300))
+
+
+@pytest.mark.parametrize("prefetch", [0, 3])
+def test_resume_gives_same_batches(data, prefetch):
+    ref = PackedMemmapLoader(data, 8, seed=9, prefetch=prefetch)
+    list(ref.batches(layout="packed"))
+    expected = [b["mol_idx"].copy() for b in ref.batches(layout="packed")]
+    run = PackedMemmapLoader(data, 8, seed=9, prefetch=prefetch)
+    list(run.batches(layout="packed"))
+    it = run.batches(layout="packed")
+    for _ in range(5):
+        next(it)
+    state = json.loads(json.dumps(run.state()))
+    it.close()
+    assert state == {"seed": 9, "epoch": 1, "position": 5}
+    fresh = PackedMemmapLoader(data, 8, seed=0, prefetch=prefetch)
+    fresh.restore(state)
+    rest = [b["mol_idx"] for b in fresh.batches(layout="packed")]
+    assert len(rest) == len(expected) - 5
+    for got, want in zip(rest, expected[5:]):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_prefetch_transfer_and_worker_error(data):
+    loader = PackedMemmapLoader(data, 8, prefetch=2)
+    out = list(loader.batches(layout="packed", transfer=lambda b: {**b, "tag": 1}))
+    assert all(b["tag"] == 1 for b in out)
+
+    def boom(batch):
+        raise RuntimeError("transfer failed")
+
+    with pytest.raises(RuntimeError, match="transfer failed"):
+        list(loader.batches(layout="packed", transfer=boom))
+
+
+def test_no_forces_no_qtot(tmp_path):
+    path = write_dataset(tmp_path / "nf", n_mol=40, forces=False, qtot=False)
+    loader = PackedMemmapLoader(path, 8)
+    assert not loader.has_forces and not loader.has_qtot
+    for b in loader.batches(layout="packed"):
+        assert not b["F"].any() and not b["Qtot"].any()
+
+
+def test_molecule_larger_than_num_atoms(data):
+    loader = PackedMemmapLoader(data, 8)
+    first = int(np.flatnonzero(loader.n_atoms > 13)[0])
+    with pytest.raises(ConfigError, match=f"molecule {first} has 14 atoms, more than num_atoms=13"):
+        loader.batches(num_atoms=13)
+
+
+def test_fixed_budgets(data):
+    loader = PackedMemmapLoader(data, 8, budgets=[(64, 12, 600), (64, 12, 900)])
+    assert [tuple(s) for s in loader.shapes(layout="packed")] == [(64, 12, 600), (64, 12, 900)]
+    assert sum(b["mol_mask"].sum() for b in loader.batches(layout="packed")) == 300
+    with pytest.raises(ConfigError, match="molecule"):
+        PackedMemmapLoader(data, 8, budgets=[(8, 4, 50)]).shapes(layout="packed")
+
+
+def test_damaged_directory(data, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(data, bad)
+    with open(bad / "R_pack.f32", "r+b") as fh:
+        fh.truncate(100)
+    with pytest.raises(FormatError, match="R_pack.f32"):
+        PackedMemmapLoader(bad, 8)
+    with pytest.raises(FormatError):
+        PackedMemmapLoader(tmp_path / "missing", 8)
