@@ -1,0 +1,129 @@
+"""Loader throughput: packed and padded layouts vs a per-molecule Python loop, on synthetic data.
+
+Writes a QM9-like set (3..29 atoms, mean 18) and a SPICE-like set (3..110 atoms, mean 40) with
+``PackedWriter`` into a temporary directory, then times one epoch of each layout (one process, no
+prefetch thread, page cache warm) and a plain loop that does what the seed's reference loader does:
+per molecule, slice Z, R, F out of the memmaps into ``(B, num_atoms)`` arrays, then flatten and
+attach the (constant) pair list of the padded batch.
+
+    python benchmarks/loader.py                      # full size: 1M + 200k molecules
+    python benchmarks/loader.py --scale 0.1          # a tenth of each
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from packedqdc.batching import pair_templates
+from packedqdc.format import MoleculeChunk, PackedWriter, open_packed
+from packedqdc.loader import PackedMemmapLoader
+
+
+def sizes(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
+    """(n,) int32 molecule sizes: QM9-like or SPICE-like."""
+    if kind == "qm9":
+        return np.clip(np.round(rng.normal(18.0, 3.0, n)), 3, 29).astype(np.int32)
+    return np.clip(np.round(3 + rng.gamma(4.0, 9.25, n)), 3, 110).astype(np.int32)
+
+
+def write(path: Path, kind: str, n: int, seed: int = 0, chunk: int = 100_000) -> Path:
+    rng = np.random.default_rng(seed)
+    with PackedWriter(path, has_forces=True, has_qtot=True) as w:
+        for lo in range(0, n, chunk):
+            m = min(chunk, n - lo)
+            na = sizes(kind, m, rng)
+            A = int(na.sum())
+            w.append(
+                MoleculeChunk(
+                    n_atoms=na,
+                    Z=rng.integers(1, 10, A, dtype=np.int32),
+                    R=rng.normal(0.0, 2.0, (A, 3)).astype(np.float32),
+                    E=rng.normal(-1e5, 1e3, m),
+                    F=rng.normal(0.0, 10.0, (A, 3)).astype(np.float32),
+                    Qtot=np.zeros(m),
+                )
+            )
+        w.commit()
+    return path
+
+
+def seed_loop(path: Path, batch_size: int, num_atoms: int, limit: int, seed: int = 0):
+    """The seed's reference work, molecule by molecule; yields flat padded batches."""
+    ds = open_packed(path)
+    offsets = ds.offsets
+    start, t_dst, t_src = pair_templates(num_atoms)
+    shift = np.repeat(np.arange(batch_size) * num_atoms, num_atoms * (num_atoms - 1))
+    dst = np.tile(t_dst[start[num_atoms] :], batch_size) + shift
+    src = np.tile(t_src[start[num_atoms] :], batch_size) + shift
+    order = np.random.default_rng(seed).permutation(ds.n_molecules)[:limit]
+    for b0 in range(0, order.shape[0], batch_size):
+        Z = np.zeros((batch_size, num_atoms), np.int32)
+        R = np.zeros((batch_size, num_atoms, 3), np.float32)
+        F = np.zeros((batch_size, num_atoms, 3), np.float32)
+        E, Q, N = np.zeros(batch_size), np.zeros(batch_size), np.zeros(batch_size, np.int32)
+        for j, i in enumerate(order[b0 : b0 + batch_size]):
+            lo, hi = int(offsets[i]), int(offsets[i + 1])
+            n = hi - lo
+            Z[j, :n], R[j, :n], F[j, :n] = ds.Z[lo:hi], ds.R[lo:hi], ds.F[lo:hi]
+            E[j], Q[j], N[j] = ds.E[i], ds.Qtot[i], n
+        yield {"Z": Z.reshape(-1), "R": R.reshape(-1, 3), "F": F.reshape(-1, 3), "E": E, "Qtot": Q, "N": N,
+               "dst_idx": dst, "src_idx": src}  # fmt: skip
+
+
+def run_epoch(batches) -> tuple[float, int, int, int, int, int, set]:
+    t = time.perf_counter()
+    mols = atoms = aslots = pairs = pslots = 0
+    shapes = set()
+    for b in batches:
+        mols += int(b["mol_mask"].sum()) if "mol_mask" in b else int((b["N"] > 0).sum())
+        if "atom_mask" in b:
+            atoms += int(b["atom_mask"].sum())
+            pairs += int(b["pair_mask"].sum())
+        aslots += b["Z"].shape[0]
+        pslots += b["dst_idx"].shape[0]
+        shapes.add((b["Z"].shape[0], b["E"].shape[0], b["dst_idx"].shape[0]))
+    return time.perf_counter() - t, mols, atoms, aslots, pairs, pslots, shapes
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scale", type=float, default=1.0, help="fraction of 1M QM9-like / 200k SPICE-like molecules")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--loop-molecules", type=int, default=100_000, help="molecules timed in the Python loop")
+    ap.add_argument("--dir", type=Path, default=None, help="where to write the data (default: a temp dir)")
+    args = ap.parse_args()
+    root = Path(args.dir or tempfile.mkdtemp(prefix="packedqdc-bench-"))
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for kind, full, num_atoms in (("qm9", 1_000_000, 60), ("spice", 200_000, 110)):
+        n = max(1000, int(full * args.scale))
+        path = root / kind
+        t = time.perf_counter()
+        if not path.exists():
+            write(path, kind, n)
+        print(f"{kind}: {n:,} molecules written in {time.perf_counter() - t:.1f} s to {path}", flush=True)
+        loader = PackedMemmapLoader(path, args.batch_size, prefetch=0)
+        list(loader.batches(layout="packed"))  # warm the page cache and the budget design
+        limit = min(args.loop_molecules, n)
+        dt, *_ = run_epoch(seed_loop(path, args.batch_size, num_atoms, limit))
+        loop_rate = limit / dt
+        rows.append((kind, "per-molecule loop (seed)", f"num_atoms={num_atoms}", loop_rate, None, None, 1, 1.0))
+        for label, kw in (("padded", {"num_atoms": num_atoms}), ("packed", {"layout": "packed"})):
+            dt, mols, atoms, aslots, pairs, pslots, shapes = run_epoch(loader.batches(**kw))
+            rows.append((kind, label, ", ".join(f"{k}={v}" for k, v in kw.items()), mols / dt, atoms / aslots,
+                         pairs / pslots, len(shapes), mols / dt / loop_rate))  # fmt: skip
+    print()
+    print(f"{'data':6} {'loader':26} {'settings':16} {'mol/s':>11} {'atom eff':>9} {'pair eff':>9} {'shapes':>7} {'vs loop':>8}")
+    for kind, label, setting, rate, ae, pe, ns, ratio in rows:
+        ae_s = "" if ae is None else f"{ae:.1%}"
+        pe_s = "" if pe is None else f"{pe:.1%}"
+        print(f"{kind:6} {label:26} {setting:16} {rate:11,.0f} {ae_s:>9} {pe_s:>9} {ns:>7} {ratio:7.1f}x")
+
+
+if __name__ == "__main__":
+    main()
