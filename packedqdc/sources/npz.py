@@ -17,6 +17,7 @@ from __future__ import annotations
 import struct
 import zipfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -368,21 +369,35 @@ class NpzSource:
     # ---- reading ------------------------------------------------------------------------
 
     def chunks(self) -> Iterator[MoleculeChunk]:
-        """Yield the valid molecules in order, ``chunk_size`` input molecules at a time."""
-        shared_z = self._members["Z"].read_all().astype(np.int64) if self.layout == "trajectory" else None
-        atom_cursor = 0
-        for lo in range(0, self.n_molecules, self.chunk_size):
-            hi = min(lo + self.chunk_size, self.n_molecules)
-            if self.layout == "padded":
-                raw = self._read_padded(lo, hi)
-            elif self.layout == "trajectory":
-                raw = self._read_trajectory(lo, hi, shared_z)
-            else:
-                raw = self._read_flat(lo, hi, atom_cursor)
-                atom_cursor += int(raw.counts.sum())
-            raw = self._checked(raw, lo)
-            if raw.counts.shape[0]:
-                yield self._converted(raw)
+        """Yield the valid molecules in order, ``chunk_size`` input molecules at a time.
+
+        A worker thread reads, checks and converts the next chunk while the caller writes this one
+        (file reads, copies and writes release the GIL), so at most two chunks are in memory.
+        """
+        self._shared_z = self._members["Z"].read_all().astype(np.int64) if self.layout == "trajectory" else None
+        self._atom_cursor = 0
+        starts = list(range(0, self.n_molecules, self.chunk_size))
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="npz-read") as pool:
+            pending = pool.submit(self._chunk, starts[0]) if starts else None
+            for lo in starts[1:] + [None]:
+                assert pending is not None
+                chunk = pending.result()
+                pending = None if lo is None else pool.submit(self._chunk, lo)
+                if chunk is not None:
+                    yield chunk
+
+    def _chunk(self, lo: int) -> MoleculeChunk | None:
+        """Input molecules ``lo:lo+chunk_size`` read, checked and converted; None if all were skipped."""
+        hi = min(lo + self.chunk_size, self.n_molecules)
+        if self.layout == "padded":
+            raw = self._read_padded(lo, hi)
+        elif self.layout == "trajectory":
+            raw = self._read_trajectory(lo, hi, self._shared_z)
+        else:
+            raw = self._read_flat(lo, hi, self._atom_cursor)
+            self._atom_cursor += int(raw.counts.sum())
+        raw = self._checked(raw, lo)
+        return self._converted(raw) if raw.counts.shape[0] else None
 
     def _get(self, role: str, lo: int, hi: int) -> np.ndarray | None:
         member = self._members.get(role)
