@@ -43,7 +43,7 @@ ENERGY_TYPES = ("total", "formation", "regression")
 DEFAULT_CACHE = "~/.cache/openqdc"
 MAX_CHARGE = 10  # openqdc's E0 tables cover formal atomic charges -10..10
 MOLECULE_BLOCK = 1 << 16  # molecules whose index ranges are read at once
-ATOM_BLOCK = 1 << 20  # atoms per chunk (20 MB of atomic_inputs, plus forces)
+ATOM_BLOCK = 1 << 19  # atoms per chunk (10 MB of atomic_inputs, plus forces)
 
 ProgressFn = Callable[[int, int], None]
 
