@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import typer
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ..errors import ConfigError
@@ -48,8 +47,9 @@ def pack_openqdc_command(
     Reads the cache files directly: bounded memory, no network.
     Energies become kcal/mol, positions Å, forces kcal/mol/Å; NaN-labelled molecules are skipped.
     """
-    _require_openqdc()
-    from ..sources.openqdc import pack_openqdc, resolve_dataset
+    from ..sources.openqdc import import_openqdc, pack_openqdc, resolve_dataset
+
+    import_openqdc()  # fail early, with the install hint, when openqdc is missing
 
     if list_methods:
         _print_methods(resolve_dataset(name))
@@ -78,17 +78,6 @@ def pack_openqdc_command(
         console.print(f"Skipped {result.skipped} molecules with NaN labels; first ones:", highlight=False)
         for reason in result.skipped_first:
             console.print(f"  {reason}", highlight=False, soft_wrap=True)
-
-
-def _require_openqdc() -> None:
-    """Exit 2 with the install hint when openqdc is missing (printed verbatim: it holds brackets)."""
-    from ..sources.openqdc import import_openqdc
-
-    try:
-        import_openqdc()
-    except ConfigError as exc:
-        err_console.print("[bold red]Error:[/]", escape(str(exc)), highlight=False, soft_wrap=True)
-        raise typer.Exit(exc.exit_code) from None
 
 
 def _print_methods(info: DatasetInfo) -> None:
