@@ -1,0 +1,78 @@
+"""orbax checkpoints of a run: ``runs/NAME/checkpoints/{latest,best}/<step>/``.
+
+Each checkpoint holds two items: ``state`` (the whole ``TrainState``: params, EMA, optimizer state,
+step, epoch, rng, plateau state) and ``meta`` (JSON: training configuration, model attributes,
+reference energies, loader position, epoch, best valid loss, why it was written). ``latest`` is
+written after every epoch, on ``--max-time`` and on Ctrl-C; ``best`` when the valid loss (EMA
+weights) improves. orbax writes each checkpoint to a temporary directory and renames it into place,
+and keeps the previous one until the new one is complete, so a crash never leaves a torn checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from ..errors import TrainingError
+from .state import TrainState
+
+KINDS = ("latest", "best")
+
+
+class RunCheckpoints:
+    """The ``latest`` and ``best`` checkpoints of one run directory."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.root = Path(run_dir).absolute() / "checkpoints"
+        options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True, enable_async_checkpointing=False)
+        self._managers = {
+            kind: ocp.CheckpointManager(self.root / kind, options=options, item_names=("state", "meta"))
+            for kind in KINDS
+        }
+
+    def latest_step(self, kind: str) -> int | None:
+        """Step of the stored ``kind`` checkpoint, None when there is none."""
+        return self._managers[kind].latest_step()
+
+    def save(self, kind: str, state: TrainState, meta: dict[str, Any]) -> bool:
+        """Write ``state`` and ``meta`` as the ``kind`` checkpoint; False if this step is stored."""
+        manager = self._managers[kind]
+        step = int(state.step)
+        if manager.latest_step() == step:
+            return False
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                   meta=ocp.args.JsonSave(meta)))
+        manager.wait_until_finished()
+        return True
+
+    def read_meta(self, kind: str) -> dict[str, Any]:
+        """The JSON item of the ``kind`` checkpoint."""
+        manager = self._managers[kind]
+        step = self._require(kind)
+        return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def restore(self, kind: str, template: TrainState) -> tuple[TrainState, dict[str, Any]]:
+        """The ``kind`` checkpoint as (state shaped like ``template``, meta)."""
+        manager = self._managers[kind]
+        step = self._require(kind)
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        except (ValueError, KeyError, TypeError) as exc:
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise TrainingError(f"{self.root / kind}: checkpoint does not match the model ({message})") from None
+        return restored["state"], restored["meta"]
+
+    def close(self) -> None:
+        for manager in self._managers.values():
+            manager.close()
+
+    def _require(self, kind: str) -> int:
+        step = self._managers[kind].latest_step()
+        if step is None:
+            raise TrainingError(f"{self.root / kind}: no checkpoint")
+        return step

@@ -1,0 +1,131 @@
+"""Per-element reference energies: E ≈ Σ_atoms e_Z + c · Qtot, fitted by least squares.
+
+The fit streams over the packed memmaps in blocks of molecules (memory O(block)), accumulating the
+normal equations in float64. Training targets are ``E - reference(molecule)`` computed in float64 on
+the host and only then cast to float32, so totals of 10^4..10^5 kcal/mol lose no detail.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+
+from ..elements import MAX_Z
+from ..errors import SourceError
+from ..format import E_FILE, PackedDataset
+
+NUM_ROWS = MAX_Z + 1  # rows of the element table: index 0 (padding) is always 0
+
+
+@dataclass(frozen=True)
+class ReferenceEnergies:
+    """The fitted linear model.
+
+    Attributes:
+        table: (119,) float64, kcal/mol per atom of element Z (0 for elements absent from the fit).
+        charge_coef: float, kcal/mol per e of total charge.
+        per_atom_mean, per_atom_std: mean and std of the residual ``(E - reference) / N`` over the
+            fitted molecules, kcal/mol per atom (PhysNet's initial energy shift and scale).
+    """
+
+    table: np.ndarray
+    charge_coef: float
+    per_atom_mean: float
+    per_atom_std: float
+
+    def molecule_energies(self, Z: np.ndarray, segments: np.ndarray, Qtot: np.ndarray) -> np.ndarray:
+        """Reference energy of each molecule slot, float64 (M,), kcal/mol.
+
+        Args:
+            Z: (A,) int atomic numbers (0 for padding: contributes 0).
+            segments: (A,) int molecule slot of each atom, in [0, M).
+            Qtot: (M,) float total charges, e.
+        """
+        per_atom = self.table[np.clip(np.asarray(Z), 0, MAX_Z)]
+        qtot = np.asarray(Qtot, dtype=np.float64)
+        summed = np.bincount(np.asarray(segments), weights=per_atom, minlength=qtot.shape[0])
+        return summed[: qtot.shape[0]] + self.charge_coef * qtot
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict; floats round-trip exactly through ``json``."""
+        return {
+            "table": [float(v) for v in self.table],
+            "charge_coef": float(self.charge_coef),
+            "per_atom_mean": float(self.per_atom_mean),
+            "per_atom_std": float(self.per_atom_std),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ReferenceEnergies:
+        return cls(
+            table=np.asarray(data["table"], dtype=np.float64),
+            charge_coef=float(data["charge_coef"]),
+            per_atom_mean=float(data["per_atom_mean"]),
+            per_atom_std=float(data["per_atom_std"]),
+        )
+
+
+def _blocks(data: PackedDataset, selected: np.ndarray, block: int
+            ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """Yield (counts (m, 119) float64, Qtot (m,), E (m,), n_atoms (m,)) of the selected molecules,
+    one contiguous block of the files at a time."""
+    n = data.n_molecules
+    for lo in range(0, n, block):
+        hi = min(lo + block, n)
+        keep = selected[lo:hi]
+        if not keep.any():
+            continue
+        a0, a1 = int(data.offsets[lo]), int(data.offsets[hi])
+        n_atoms = np.asarray(data.n_atoms[lo:hi], dtype=np.int64)
+        mol = np.repeat(np.arange(hi - lo), n_atoms)
+        Z = np.clip(np.asarray(data.Z[a0:a1], dtype=np.int64), 0, MAX_Z)
+        counts = np.bincount(mol * NUM_ROWS + Z, minlength=(hi - lo) * NUM_ROWS)
+        counts = counts.reshape(hi - lo, NUM_ROWS).astype(np.float64)
+        qtot = np.zeros(hi - lo) if data.Qtot is None else np.asarray(data.Qtot[lo:hi], dtype=np.float64)
+        energies = np.asarray(data.E[lo:hi], dtype=np.float64)
+        bad = np.flatnonzero(keep & ~np.isfinite(energies))
+        if bad.size:
+            raise SourceError(f"{data.path / E_FILE}: molecule {lo + int(bad[0])} has a non-finite energy")
+        yield counts[keep], qtot[keep], energies[keep], n_atoms[keep]
+
+
+def fit_reference_energies(data: PackedDataset, indices: np.ndarray, block: int = 65536) -> ReferenceEnergies:
+    """Least-squares fit of per-element energies and a total-charge coefficient.
+
+    Args:
+        data: the packed dataset.
+        indices: (n,) int molecule indices to fit on (the training split).
+        block: molecules read per block.
+
+    Returns the fit; elements absent from ``indices`` get 0, collinear columns get the minimum-norm
+    solution (only predictions matter). Raises SourceError on a non-finite energy.
+    """
+    selected = np.zeros(data.n_molecules, dtype=bool)
+    selected[np.asarray(indices, dtype=np.int64)] = True
+    xtx = np.zeros((NUM_ROWS + 1, NUM_ROWS + 1))
+    xty = np.zeros(NUM_ROWS + 1)
+    for counts, qtot, energies, _ in _blocks(data, selected, block):
+        x = np.concatenate([counts, qtot[:, None]], axis=1)
+        xtx += x.T @ x
+        xty += x.T @ energies
+    active = np.flatnonzero(np.diag(xtx) > 0)
+    coef = np.zeros(NUM_ROWS + 1)
+    if active.size:
+        sub = xtx[np.ix_(active, active)]
+        scale = np.sqrt(np.diag(sub))  # column scaling keeps the normal equations well conditioned
+        solution = np.linalg.lstsq(sub / np.outer(scale, scale), xty[active] / scale, rcond=None)[0]
+        coef[active] = solution / scale
+    table, charge_coef = coef[:NUM_ROWS], float(coef[NUM_ROWS])
+    table[0] = 0.0
+
+    total, total_sq, count = 0.0, 0.0, 0
+    for counts, qtot, energies, n_atoms in _blocks(data, selected, block):
+        residual = (energies - counts @ table - charge_coef * qtot) / np.maximum(n_atoms, 1)
+        total += float(residual.sum())
+        total_sq += float((residual * residual).sum())
+        count += residual.shape[0]
+    mean = total / max(count, 1)
+    std = float(np.sqrt(max(total_sq / max(count, 1) - mean * mean, 0.0)))
+    return ReferenceEnergies(table=table, charge_coef=charge_coef, per_atom_mean=mean, per_atom_std=std)
