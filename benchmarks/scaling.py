@@ -76,7 +76,7 @@ def time_devices(args: argparse.Namespace, counts: list[int]) -> list[dict]:
     rng = np.random.default_rng(0)
     subs = [synthetic_sub_batch(rng, args.batch_size, args.min_atoms, args.max_atoms) for _ in range(max(counts))]
     params = init_params(model, jax.random.PRNGKey(0), subs[0])
-    step_fn = make_train_step(model, optimizer, cfg, loss_weights(cfg))
+    step_fn = make_train_step(model, cfg, loss_weights(cfg))
     rows = []
     for d in counts:
         placement = make_placement(d)

@@ -22,13 +22,15 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .errors import ConfigError, TrainingError
+
+T = TypeVar("T")
 
 DATA_AXIS = "data"
 """Name of the one mesh axis: the leading axis of every global batch is sharded over it."""
@@ -129,6 +131,26 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
+def sync(name: str) -> None:
+    """Barrier: every process of the job waits here until all reached ``name`` (no-op alone)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def main_first(fn: Callable[[], T]) -> T:
+    """Run ``fn`` on process 0, then on the others: for idempotent set-up (pack a cache, make a dir).
+
+    The other processes find what process 0 created instead of racing it.
+    """
+    if jax.process_count() == 1:
+        return fn()
+    result = fn() if is_main_process() else None
+    sync(f"packedqdc-main-first-{getattr(fn, '__name__', 'fn')}")
+    return result if is_main_process() else fn()  # type: ignore[return-value]
+
+
 def select_devices(num_local: int | None = None) -> list[jax.Device]:
     """The mesh devices: the first ``num_local`` local devices of every process, by process.
 
@@ -216,10 +238,19 @@ class Placement:
         """Place a pytree (params, optimizer state, EMA) as a full copy on every mesh device.
 
         In a multi-process job every process must pass the same values (same seed, same
-        checkpoint); leaves already replicated on this mesh are kept as they are.
+        checkpoint), and this is checked; leaves already replicated on this mesh are kept.
+
+        Raises:
+            TrainingError: processes passed different values.
         """
         if jax.process_count() == 1:
             return jax.device_put(tree, self.replicated)
+        from jax.experimental import multihost_utils
+
+        try:
+            multihost_utils.assert_equal(tree, "processes hold different values")
+        except AssertionError as exc:
+            raise TrainingError(f"replicating the training state: {str(exc).splitlines()[0]}") from None
         return jax.tree.map(self._replicate_leaf, tree)
 
     def _replicate_leaf(self, leaf: Any) -> jax.Array:

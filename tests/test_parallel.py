@@ -20,133 +20,103 @@ from packedqdc.errors import ConfigError, TrainingError
 from packedqdc.parallel import DistributedConfig, check_device_count, slurm_present, validate_distributed
 
 TIMEOUT_S = 120
-N_MOLECULES = 32
-STEPS = 4
 
 
 # ---------------------------------------------------------------------------------------------
-# stand-in model and data on the batch contract (run inside the subprocesses)
+# the real model, train step and loader on the bundled sample (run inside the subprocesses)
+
+BUDGET = (96, 12, 1200)  # one fixed packed class (A, M, P): one compilation per placement
+SUBSET = 128  # molecules of the distributed epoch
 
 
-def _sub_batch(rng: np.random.Generator, mol_ids: np.ndarray, atoms: int = 16, slots: int = 4) -> dict:
-    """One packed sub-batch of the contract: molecules of 3 atoms each, padded to static shapes."""
-    n = 3
-    Z = np.zeros(atoms, np.int32)
-    R = np.zeros((atoms, 3), np.float32)
-    seg = np.full(atoms, slots - 1, np.int32)
-    mask = np.zeros(atoms, bool)
-    E = np.zeros(slots, np.float32)
-    mol_mask = np.zeros(slots, bool)
-    mol_idx = np.full(slots, -1, np.int64)
-    dst, src = [], []
-    for slot, mol in enumerate(mol_ids):
-        mrng = np.random.default_rng(int(mol))
-        lo = slot * n
-        Z[lo : lo + n] = mrng.integers(1, 4, n)
-        R[lo : lo + n] = mrng.normal(size=(n, 3))
-        seg[lo : lo + n] = slot
-        mask[lo : lo + n] = True
-        E[slot] = mrng.normal()
-        mol_mask[slot] = True
-        mol_idx[slot] = mol
-        dst += [lo + i for i in range(n) for j in range(n) if i != j]
-        src += [lo + j for i in range(n) for j in range(n) if i != j]
-    pairs = atoms * 2
-    pair_mask = np.zeros(pairs, bool)
-    pair_mask[: len(dst)] = True
-    pad = pairs - len(dst)
-    return dict(
-        Z=Z, R=R, atom_mask=mask, batch_segments=seg, E=E, mol_mask=mol_mask, mol_idx=mol_idx,
-        dst_idx=np.array(dst + [0] * pad, np.int32), src_idx=np.array(src + [0] * pad, np.int32),
-        pair_mask=pair_mask,
-    )
+def _training(data: str, process_index: int = 0, process_count: int = 1):
+    """(loader, reference, model, train step) of a tiny PhysNet; the loader is this process's shard."""
+    from packedqdc.loader import PackedMemmapLoader
+    from packedqdc.model.physnet import PhysNet
+    from packedqdc.train.config import TrainConfig
+    from packedqdc.train.reference import fit_reference_energies
+    from packedqdc.train.step import loss_weights, make_train_step
+
+    loader = PackedMemmapLoader(data, batch_size=8, seed=3, budgets=[BUDGET], prefetch=0)
+    reference = fit_reference_energies(loader.dataset, loader.indices)
+    loader = loader.shard(process_index, process_count)
+    cfg = TrainConfig(features=16, num_iterations=1, num_basis=8, batch_size=8, learning_rate=1e-2)
+    model = PhysNet(features=16, num_basis=8, num_iterations=1, cutoff=5.0, electrostatics=True, natoms=15)
+    return loader, reference, model, cfg, make_train_step(model, cfg, loss_weights(cfg))
 
 
-def _global_batches(mol_order: np.ndarray, devices: int, per_sub: int = 4) -> list[dict]:
-    """Global batches (leading axis ``devices``) over ``mol_order``, ``per_sub`` molecules each."""
-    rng = np.random.default_rng(0)
-    per_step = devices * per_sub
+def _global_batches(loader, reference, devices: int, steps: int | None = None):
+    """Prepared host global batches (leading axis ``devices``) and the molecule indices of each."""
+    from packedqdc.train.step import prepare_global
+
     out = []
-    for start in range(0, len(mol_order), per_step):
-        subs = [_sub_batch(rng, mol_order[s : s + per_sub]) for s in range(start, start + per_step, per_sub)]
-        out.append({k: np.stack([s[k] for s in subs]) for k in subs[0]})
+    for item in loader.stacked_batches(devices, layout="packed"):
+        if np.ndim(item["Z"]) == 1:
+            item = {k: np.asarray(v)[None] for k, v in item.items()}
+        seen = [int(i) for i in np.asarray(item["mol_idx"]).ravel() if i >= 0]
+        out.append((prepare_global(item, reference), seen))
+        if steps is not None and len(out) == steps:
+            break
     return out
 
 
-def _stand_in_step():
-    """A jitted SGD step of a tiny pair-potential model: vmap error sums over D, global mean."""
+def _initial_state(model, cfg, batch):
     import jax
-    import jax.numpy as jnp
 
-    def energy_err(params, b):
-        atomic = params["emb"][b["Z"]] * b["atom_mask"]
-        d = b["R"][b["dst_idx"]] - b["R"][b["src_idx"]]
-        r = jnp.sqrt(jnp.sum(d * d, -1) + 1e-9)
-        pair = params["a"] * jnp.exp(-params["b"] * r) * b["pair_mask"]
-        atomic = atomic + jax.ops.segment_sum(pair, b["dst_idx"], b["Z"].shape[0])
-        pred = jax.ops.segment_sum(atomic, b["batch_segments"], b["E"].shape[0])
-        err = jnp.where(b["mol_mask"], pred - b["E"], 0.0)
-        return jnp.sum(err * err), jnp.sum(b["mol_mask"])
+    from packedqdc.model.physnet import init_params
+    from packedqdc.train.optim import make_optimizer
+    from packedqdc.train.state import create_state
 
-    def loss(params, batch):
-        sq, n = jax.vmap(energy_err, in_axes=(None, 0))(params, batch)
-        return jnp.sum(sq) / jnp.sum(n)
-
-    def step(params, batch):
-        value, grads = jax.value_and_grad(loss)(params, batch)
-        return jax.tree.map(lambda p, g: p - 0.1 * g, params, grads), value
-
-    return step
+    first = {k: v[0] for k, v in batch.items()}
+    return create_state(init_params(model, jax.random.PRNGKey(0), first), make_optimizer(cfg), jax.random.PRNGKey(1))
 
 
-def _init_params():
-    import jax.numpy as jnp
+def _flat_params(state) -> list[float]:
+    leaves = [np.asarray(x.addressable_data(0)).ravel() for x in __import__("jax").tree.leaves(state.params)]
+    return np.concatenate(leaves).astype(np.float64).tolist()
 
-    return {"emb": jnp.linspace(-0.5, 0.5, 4), "a": jnp.float32(0.3), "b": jnp.float32(1.0)}
 
-
-def _run_mesh(out: str) -> None:
-    """Same global batches through a 4-device and a 1-device placement; losses and params to out."""
+def _run_mesh(out: str, data: str) -> None:
+    """The same 4-sub-batch global batches through a 4-device and a 1-device placement."""
     from packedqdc.parallel import make_placement
 
-    batches = _global_batches(np.arange(N_MOLECULES), devices=4)
+    loader, reference, model, cfg, train_step = _training(data)
+    batches = _global_batches(loader, reference, devices=4, steps=3)
     result = {}
     for n in (4, 1):
         placement = make_placement(n)
-        step = placement.jit(_stand_in_step())
-        params = placement.replicate(_init_params())
+        step = placement.jit(train_step)
+        state = placement.replicate(_initial_state(model, cfg, batches[0][0]))
         losses = []
-        for b in batches:
-            params, value = step(params, placement.put_batch(b))
-            losses.append(float(value))
-        assert params["emb"].sharding.mesh.devices.size == n
-        result[n] = {"losses": losses, "emb": np.asarray(params["emb"]).tolist()}
+        for batch, _ in batches:
+            state, sums = step(state, placement.put_batch(batch))
+            losses.append(float(sums["loss"]))
+        assert state.params is not None and placement.num_devices == n
+        result[n] = {"losses": losses, "params": _flat_params(state)}
     Path(out).write_text(json.dumps(result))
 
 
-def _run_distributed(out: str, port: int, process_id: int) -> None:
-    """One of two processes: join, read this process's half of each epoch, train, dump state."""
+def _run_distributed(out: str, data: str, port: int, process_id: int) -> None:
+    """One of two processes: join, train one epoch on this process's shard, dump what it saw."""
     from packedqdc.parallel import DistributedConfig, init_distributed, is_main_process, make_placement
 
     init_distributed(DistributedConfig(f"127.0.0.1:{port}", 2, process_id), timeout_s=60)
-    import jax
-
     placement = make_placement()
     assert placement.num_devices == 2 and placement.num_local_devices == 1
-    order = np.random.default_rng(7).permutation(N_MOLECULES)
-    mine = order[process_id::2]
-    step = placement.jit(_stand_in_step())
-    params = placement.replicate(_init_params())
+    loader, reference, model, cfg, train_step = _training(data, process_id, 2)
+    loader.indices = np.arange(SUBSET)
+    batches = _global_batches(loader, reference, devices=1)
+    step = placement.jit(train_step)
+    state = placement.replicate(_initial_state(model, cfg, batches[0][0]))
     seen: list[int] = []
     losses = []
-    for b in _global_batches(mine, devices=1):
-        seen += [int(i) for i in b["mol_idx"].ravel() if i >= 0]
-        params, value = step(params, placement.put_batch(b))
-        losses.append(float(value))
-    emb = np.asarray(params["emb"].addressable_data(0))
-    Path(out).write_text(json.dumps({"seen": seen, "losses": losses, "emb": emb.tolist(),
+    for batch, mols in batches:
+        seen += mols
+        state, sums = step(state, placement.put_batch(batch))
+        losses.append(float(sums["loss"]))
+    Path(out).write_text(json.dumps({"seen": seen, "losses": losses, "params": _flat_params(state),
                                      "main": is_main_process()}))
-    jax.distributed.shutdown()
+    __import__("jax").distributed.shutdown()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,21 +136,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_four_devices_match_one_device(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The bundled sample, packed."""
+    from packedqdc.data import SAMPLE_NPZ
+    from packedqdc.pack import pack_npz
+
+    target = tmp_path_factory.mktemp("parallel") / "sample"
+    pack_npz(SAMPLE_NPZ, target)
+    return str(target)
+
+
+def test_four_devices_match_one_device(tmp_path: Path, sample: str) -> None:
     out = tmp_path / "mesh.json"
-    proc = subprocess.run([sys.executable, __file__, "mesh", str(out)], env=_env(4),
+    proc = subprocess.run([sys.executable, __file__, "mesh", str(out), sample], env=_env(4),
                           capture_output=True, text=True, timeout=TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    np.testing.assert_allclose(result["4"]["losses"], result["1"]["losses"], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(result["4"]["emb"], result["1"]["emb"], rtol=1e-5, atol=1e-6)
-    assert result["4"]["losses"][-1] < result["4"]["losses"][0]
+    np.testing.assert_allclose(result["4"]["losses"], result["1"]["losses"], rtol=1e-5)
+    np.testing.assert_allclose(result["4"]["params"], result["1"]["params"], rtol=1e-4, atol=1e-6)
 
 
-def test_two_processes_train_together(tmp_path: Path) -> None:
+def test_two_processes_train_together(tmp_path: Path, sample: str) -> None:
     port = _free_port()
     outs = [tmp_path / f"p{i}.json" for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, __file__, "dist", str(outs[i]), str(port), str(i)],
+    procs = [subprocess.Popen([sys.executable, __file__, "dist", str(outs[i]), sample, str(port), str(i)],
                               env=_env(None), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]
     try:
@@ -191,9 +171,10 @@ def test_two_processes_train_together(tmp_path: Path) -> None:
     assert all(p.returncode == 0 for p in procs), "\n".join(e[-2000:] for e in errs)
     r0, r1 = (json.loads(o.read_text()) for o in outs)
     assert set(r0["seen"]).isdisjoint(r1["seen"])
-    assert sorted(r0["seen"] + r1["seen"]) == list(range(N_MOLECULES))
+    assert sorted(r0["seen"] + r1["seen"]) == list(range(SUBSET))
+    assert len(r0["losses"]) == len(r1["losses"]) >= 4
     assert r0["losses"] == r1["losses"]
-    assert r0["emb"] == r1["emb"] and len(r0["emb"]) == 4
+    assert r0["params"] == r1["params"]
     assert (r0["main"], r1["main"]) == (True, False)
 
 
@@ -228,6 +209,6 @@ def test_slurm_variables_enable_auto_detection() -> None:
 
 if __name__ == "__main__":
     if sys.argv[1] == "mesh":
-        _run_mesh(sys.argv[2])
+        _run_mesh(sys.argv[2], sys.argv[3])
     else:
-        _run_distributed(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+        _run_distributed(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
