@@ -64,13 +64,14 @@ def uniform_sqrt3(key: Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32
 
 
 def dense(features: int, *, use_bias: bool = True, zero_init: bool = False,
-          dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Dense:
+          dtype: Dtype = jnp.float32, precision: Any = None, name: str | None = None) -> nn.Dense:
     """A ``nn.Dense`` with the PhysNet initialisation (Glorot-orthogonal kernel, zero bias), or an
-    all-zero kernel when ``zero_init``. Parameters are stored in float32."""
+    all-zero kernel when ``zero_init``. Parameters are stored in float32. ``precision`` is passed
+    to the matmul (None: JAX's default, which is TF32 on recent NVIDIA GPUs)."""
     kernel_init = nn.initializers.zeros if zero_init else glorot_orthogonal()
     return nn.Dense(features, use_bias=use_bias, kernel_init=kernel_init,
                     bias_init=nn.initializers.zeros, dtype=dtype, param_dtype=jnp.float32,
-                    name=name)
+                    precision=precision, name=name)
 
 
 def polynomial_cutoff(r: Array, cutoff: float) -> Array:
@@ -125,11 +126,13 @@ class ResidualLayer(nn.Module):
 
     features: int
     dtype: Dtype = jnp.float32
+    precision: Any = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        y = dense(self.features, dtype=self.dtype, name="dense1")(shifted_softplus(x))
-        y = dense(self.features, dtype=self.dtype, name="dense2")(shifted_softplus(y))
+        kw = {"dtype": self.dtype, "precision": self.precision}
+        y = dense(self.features, **kw, name="dense1")(shifted_softplus(x))
+        y = dense(self.features, **kw, name="dense2")(shifted_softplus(y))
         return x + y
 
 
@@ -147,25 +150,27 @@ class InteractionLayer(nn.Module):
     features: int
     num_res: int
     dtype: Dtype = jnp.float32
+    precision: Any = None
 
     @nn.compact
     def __call__(self, x: Array, rbf: Array, dst_idx: Array, src_idx: Array) -> Array:
+        kw = {"dtype": self.dtype, "precision": self.precision}
         num_atoms = x.shape[0]
         a = shifted_softplus(x)
-        xi = shifted_softplus(dense(self.features, dtype=self.dtype, name="dense_i")(a))
-        xj = shifted_softplus(dense(self.features, dtype=self.dtype, name="dense_j")(a))
-        filt = dense(self.features, use_bias=False, zero_init=True, dtype=self.dtype,
+        xi = shifted_softplus(dense(self.features, **kw, name="dense_i")(a))
+        xj = shifted_softplus(dense(self.features, **kw, name="dense_j")(a))
+        filt = dense(self.features, use_bias=False, zero_init=True, **kw,
                      name="rbf_to_features")(rbf)                              # (P, F)
         msg = filt * jnp.take(xj, src_idx, axis=0, mode="clip")               # (P, F)
         v = jax.ops.segment_sum(msg, dst_idx, num_segments=num_atoms,
                                 indices_are_sorted=False)                     # (A, F)
         m = xi + v
         for i in range(self.num_res):
-            m = ResidualLayer(self.features, dtype=self.dtype, name=f"residual_{i}")(m)
+            m = ResidualLayer(self.features, **kw, name=f"residual_{i}")(m)
         m = shifted_softplus(m)
         u = self.param("gate", nn.initializers.ones, (self.features,), jnp.float32)
-        return u.astype(self.dtype) * x + dense(self.features, dtype=self.dtype,
-                                                name="dense_out")(m)
+        out = dense(self.features, **kw, name="dense_out")(m)
+        return u.astype(self.dtype) * x + out
 
 
 class InteractionBlock(nn.Module):
@@ -175,13 +180,15 @@ class InteractionBlock(nn.Module):
     num_res_atomic: int
     num_res_interaction: int
     dtype: Dtype = jnp.float32
+    precision: Any = None
 
     @nn.compact
     def __call__(self, x: Array, rbf: Array, dst_idx: Array, src_idx: Array) -> Array:
-        x = InteractionLayer(self.features, self.num_res_interaction, dtype=self.dtype,
+        kw = {"dtype": self.dtype, "precision": self.precision}
+        x = InteractionLayer(self.features, self.num_res_interaction, **kw,
                              name="interaction")(x, rbf, dst_idx, src_idx)
         for i in range(self.num_res_atomic):
-            x = ResidualLayer(self.features, dtype=self.dtype, name=f"residual_{i}")(x)
+            x = ResidualLayer(self.features, **kw, name=f"residual_{i}")(x)
         return x
 
 
@@ -195,10 +202,12 @@ class OutputBlock(nn.Module):
     features: int
     num_res: int
     dtype: Dtype = jnp.float32
+    precision: Any = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
+        kw = {"dtype": self.dtype, "precision": self.precision}
         for i in range(self.num_res):
-            x = ResidualLayer(self.features, dtype=self.dtype, name=f"residual_{i}")(x)
+            x = ResidualLayer(self.features, **kw, name=f"residual_{i}")(x)
         x = shifted_softplus(x)
-        return dense(2, use_bias=False, zero_init=True, dtype=self.dtype, name="dense_out")(x)
+        return dense(2, use_bias=False, zero_init=True, **kw, name="dense_out")(x)
