@@ -1,11 +1,48 @@
-"""packedqdc: molecular datasets -> packed memory-mapped files -> PhysNet potentials (JAX)."""
+"""packedqdc: molecular datasets -> packed memory-mapped files -> PhysNet potentials (JAX).
+
+The names below are the public Python API. The loader, the model and the training API are
+imported on first use, so ``import packedqdc`` (and the CLI) stays fast and does not load JAX.
+"""
 
 from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from .errors import ConfigError, FormatError, PackedQDCError, SourceError, TargetExistsError, TrainingError
 from .format import MoleculeChunk, PackedDataset, PackedWriter, open_packed
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "PackedMemmapLoader": "packedqdc.loader",
+    "split_loader": "packedqdc.loader",
+    "EF": "packedqdc.model",
+    "PhysNet": "packedqdc.model",
+    "energy_and_forces": "packedqdc.model",
+    "Potential": "packedqdc.train",
+    "TrainConfig": "packedqdc.train",
+    "fit": "packedqdc.train",
+    "evaluate_run": "packedqdc.train",
+    "pack_npz": "packedqdc.pack",
+    "pack_openqdc": "packedqdc.sources.openqdc",
+    "validate_packed": "packedqdc.validate",
+    "dataset_stats": "packedqdc.stats",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'packedqdc' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "ConfigError",
@@ -18,4 +55,5 @@ __all__ = [
     "TargetExistsError",
     "TrainingError",
     "open_packed",
+    *_LAZY,
 ]
