@@ -1,10 +1,18 @@
 """Loader throughput: packed and padded layouts vs a per-molecule Python loop, on synthetic data.
 
 Writes a QM9-like set (3..29 atoms, mean 18) and a SPICE-like set (3..110 atoms, mean 40) with
-``PackedWriter`` into a temporary directory, then times one epoch of each layout (one process, no
-prefetch thread, page cache warm) and a plain loop that does what the seed's reference loader does:
+``PackedWriter`` into a temporary directory, then times epochs of each layout (one process, page
+cache warm, kernels compiled) beside a plain loop that does what the seed's reference loader does:
 per molecule, slice Z, R, F out of the memmaps into ``(B, num_atoms)`` arrays, then flatten and
-attach the (constant) pair list of the padded batch.
+attach the (constant) pair list of the padded batch. Every row is repeated (``--repeats``), loop
+and loaders interleaved, and the median rate is reported (the machine may be shared).
+
+Loader rows: ``reuse`` is ``reuse_buffers=True`` (a ring of output buffers; how training runs),
+``fresh`` gives every batch new arrays (the default); ``pf`` is the prefetch depth (0: assembled
+in the consumer's thread, 2: in a background thread). The consumer does the same little work for
+every row: count molecules, real atoms and real pairs, and note the shape. ``RSS anon`` is the
+process's anonymous resident memory before and after the packed epochs (file-backed memmap pages
+are page cache, reported apart as ``RSS file``).
 
     python benchmarks/loader.py                      # full size: 1M + 200k molecules
     python benchmarks/loader.py --scale 0.1          # a tenth of each
@@ -13,6 +21,7 @@ attach the (constant) pair list of the padded batch.
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +31,13 @@ import numpy as np
 from packedqdc.batching import pair_templates
 from packedqdc.format import MoleculeChunk, PackedWriter, open_packed
 from packedqdc.loader import PackedMemmapLoader
+
+LOADER_ROWS = (
+    ("padded reuse pf=0", "padded", True, 0),
+    ("packed reuse pf=0", "packed", True, 0),
+    ("packed reuse pf=2", "packed", True, 2),
+    ("packed fresh pf=2", "packed", False, 2),
+)
 
 
 def sizes(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -76,18 +92,61 @@ def seed_loop(path: Path, batch_size: int, num_atoms: int, limit: int, seed: int
 
 
 def run_epoch(batches) -> tuple[float, int, int, int, int, int, set]:
+    """(seconds, molecules, real atoms, atom slots, real pairs, pair slots, shapes) of one pass."""
     t = time.perf_counter()
     mols = atoms = aslots = pairs = pslots = 0
     shapes = set()
     for b in batches:
-        mols += int(b["mol_mask"].sum()) if "mol_mask" in b else int((b["N"] > 0).sum())
+        mols += np.count_nonzero(b["mol_mask"]) if "mol_mask" in b else np.count_nonzero(b["N"])
         if "atom_mask" in b:
-            atoms += int(b["atom_mask"].sum())
-            pairs += int(b["pair_mask"].sum())
+            atoms += np.count_nonzero(b["atom_mask"])
+            pairs += np.count_nonzero(b["pair_mask"])
         aslots += b["Z"].shape[0]
         pslots += b["dst_idx"].shape[0]
         shapes.add((b["Z"].shape[0], b["E"].shape[0], b["dst_idx"].shape[0]))
     return time.perf_counter() - t, mols, atoms, aslots, pairs, pslots, shapes
+
+
+def rss_mb() -> tuple[float, float]:
+    """(anonymous, file-backed) resident memory of this process in MB, from /proc/self/status."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return int(fields["RssAnon"].split()[0]) / 1024, int(fields["RssFile"].split()[0]) / 1024
+
+
+def bench_dataset(path: Path, n: int, num_atoms: int, args: argparse.Namespace) -> list[tuple]:
+    """Rows (label, rate, atom eff, pair eff, shapes, ratio to the loop, extra) for one data set."""
+    loader = PackedMemmapLoader(path, args.batch_size)
+    rss0 = rss_mb()
+    t = time.perf_counter()
+    first = next(iter(loader.batches(layout="packed", reuse_buffers=True)))
+    first_ms = (time.perf_counter() - t) * 1e3
+    for _, layout, reuse, pf in LOADER_ROWS:  # warm page cache, budgets, kernels and buffers
+        kw = {"layout": "packed"} if layout == "packed" else {"num_atoms": num_atoms}
+        run_epoch(loader.batches(**kw, reuse_buffers=reuse, prefetch=pf))
+    limit = min(args.loop_molecules, n)
+    loop_rates, rates, stats = [], {row[0]: [] for row in LOADER_ROWS}, {}
+    rss1 = rss_mb()
+    for _ in range(args.repeats):
+        dt, *_ = run_epoch(seed_loop(path, args.batch_size, num_atoms, limit))
+        loop_rates.append(limit / dt)
+        for label, layout, reuse, pf in LOADER_ROWS:
+            kw = {"layout": "packed"} if layout == "packed" else {"num_atoms": num_atoms}
+            dt, mols, atoms, aslots, pairs, pslots, shapes = run_epoch(loader.batches(**kw, reuse_buffers=reuse, prefetch=pf))
+            rates[label].append(mols / dt)
+            stats[label] = (atoms / aslots, pairs / pslots, len(shapes))
+    rss2 = rss_mb()
+    loop = statistics.median(loop_rates)
+    rows = [("per-molecule loop (seed)", f"num_atoms={num_atoms}", loop, None, None, 1, 1.0)]
+    for label, layout, _, _ in LOADER_ROWS:
+        rate = statistics.median(rates[label])
+        setting = "auto budgets" if layout == "packed" else f"num_atoms={num_atoms}"
+        rows.append((label, setting, rate, *stats[label], rate / loop))
+    index_mb = (loader.n_atoms.nbytes + loader._offsets.nbytes + 3 * 8 * loader.N) / 2**20
+    print(f"  first batch of a fresh loader: {first_ms:.0f} ms ({len(first)} keys; budgets, plan, kernel load)")
+    print(f"  RSS anon {rss0[0]:.0f} MB at open -> {rss1[0]:.0f} MB after warm-up -> {rss2[0]:.0f} MB after "
+          f"{args.repeats * len(LOADER_ROWS)} more epochs; O(N) index and plan arrays ~{index_mb:.0f} MB; "
+          f"RSS file (memmapped page cache) {rss2[1]:.0f} MB")
+    return rows
 
 
 def main() -> None:
@@ -95,11 +154,12 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=1.0, help="fraction of 1M QM9-like / 200k SPICE-like molecules")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--loop-molecules", type=int, default=100_000, help="molecules timed in the Python loop")
+    ap.add_argument("--repeats", type=int, default=3, help="timed epochs per row; the median is reported")
     ap.add_argument("--dir", type=Path, default=None, help="where to write the data (default: a temp dir)")
     args = ap.parse_args()
     root = Path(args.dir or tempfile.mkdtemp(prefix="packedqdc-bench-"))
     root.mkdir(parents=True, exist_ok=True)
-    rows = []
+    table = []
     for kind, full, num_atoms in (("qm9", 1_000_000, 60), ("spice", 200_000, 110)):
         n = max(1000, int(full * args.scale))
         path = root / kind
@@ -107,19 +167,10 @@ def main() -> None:
         if not path.exists():
             write(path, kind, n)
         print(f"{kind}: {n:,} molecules written in {time.perf_counter() - t:.1f} s to {path}", flush=True)
-        loader = PackedMemmapLoader(path, args.batch_size, prefetch=0)
-        list(loader.batches(layout="packed"))  # warm the page cache and the budget design
-        limit = min(args.loop_molecules, n)
-        dt, *_ = run_epoch(seed_loop(path, args.batch_size, num_atoms, limit))
-        loop_rate = limit / dt
-        rows.append((kind, "per-molecule loop (seed)", f"num_atoms={num_atoms}", loop_rate, None, None, 1, 1.0))
-        for label, kw in (("padded", {"num_atoms": num_atoms}), ("packed", {"layout": "packed"})):
-            dt, mols, atoms, aslots, pairs, pslots, shapes = run_epoch(loader.batches(**kw))
-            rows.append((kind, label, ", ".join(f"{k}={v}" for k, v in kw.items()), mols / dt, atoms / aslots,
-                         pairs / pslots, len(shapes), mols / dt / loop_rate))  # fmt: skip
+        table += [(kind, *row) for row in bench_dataset(path, n, num_atoms, args)]
     print()
     print(f"{'data':6} {'loader':26} {'settings':16} {'mol/s':>11} {'atom eff':>9} {'pair eff':>9} {'shapes':>7} {'vs loop':>8}")
-    for kind, label, setting, rate, ae, pe, ns, ratio in rows:
+    for kind, label, setting, rate, ae, pe, ns, ratio in table:
         ae_s = "" if ae is None else f"{ae:.1%}"
         pe_s = "" if pe is None else f"{pe:.1%}"
         print(f"{kind:6} {label:26} {setting:16} {rate:11,.0f} {ae_s:>9} {pe_s:>9} {ns:>7} {ratio:7.1f}x")

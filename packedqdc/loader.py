@@ -36,7 +36,7 @@ from .errors import ConfigError, FormatError
 from .format import open_packed
 
 LAYOUTS = ("padded", "packed")
-CHUNK_MOLECULES = 4096  # molecules assembled per vectorised chunk
+VALID_DRAWS = 1  # with reuse_buffers, a batch stays valid until this many more have been drawn
 _GROUP_STREAM = 1  # rng stream of the group order, apart from the molecule order
 
 Batch = dict[str, Any]
@@ -226,7 +226,7 @@ class PackedMemmapLoader:
         if cutoff is None:
             return all_pair_counts(self.n_atoms[self._indices])
         if cutoff not in self._pair_counts:
-            self._pair_counts[cutoff] = cutoff_pair_counts(self.dataset, self.n_atoms, cutoff)
+            self._pair_counts[cutoff] = cutoff_pair_counts(self.dataset, self._offsets, cutoff)
         return self._pair_counts[cutoff][self._indices]
 
     def _budgets(self, cutoff: float | None) -> list[BatchShape]:
@@ -299,6 +299,7 @@ class PackedMemmapLoader:
         *,
         prefetch: int | None = None,
         transfer: Callable[[Batch], Any] | None = None,
+        reuse_buffers: bool = False,
     ) -> Iterator[Batch]:
         """Iterate over the rest of the current epoch (all of it from a fresh loader), then advance.
 
@@ -313,6 +314,12 @@ class PackedMemmapLoader:
             cutoff: keep only pairs closer than this (Å); None: all ordered pairs of each molecule.
             prefetch: batches assembled ahead in a background thread (default: the loader's).
             transfer: applied to each batch in the background thread, e.g. ``jax.device_put``.
+            reuse_buffers: False (default): every batch has its own arrays, safe to keep. True:
+                batches are read-only views of a small ring of buffers per shape class
+                (``prefetch + 2`` sets), which later batches overwrite: a batch stays valid until
+                one more batch has been drawn (until the next ``next()``); copy what you keep
+                longer. Much faster: no page faults on fresh memory, and only the padding that
+                the previous content dirtied is rewritten.
 
         Raises:
             ConfigError: at the call, before any batch, e.g. a molecule larger than ``num_atoms``.
@@ -321,7 +328,7 @@ class PackedMemmapLoader:
         if not physnet_format and spec.layout != "padded":
             raise ConfigError("physnet_format=False needs layout='padded'")
         convert = None if physnet_format else _seed_format
-        return self._iterate(spec, 1, convert, prefetch, transfer)
+        return self._iterate(spec, 1, convert, prefetch, transfer, reuse_buffers)
 
     def stacked_batches(
         self,
@@ -332,16 +339,19 @@ class PackedMemmapLoader:
         *,
         prefetch: int | None = None,
         transfer: Callable[[Batch], Any] | None = None,
+        reuse_buffers: bool = False,
     ) -> Iterator[Batch]:
         """Like ``batches`` but each item holds ``num_devices`` batches of one shape class.
 
         Every array gains a leading axis ``num_devices`` (e.g. ``R`` is ``(D, A, 3)``), ready to be
-        sharded over devices. Groups are completed with all-padding batches where a class runs out.
+        sharded over devices; with ``num_devices=1`` the items are plain batches. Groups are
+        completed with all-padding batches where a class runs out. ``reuse_buffers`` as in
+        ``batches``: an item stays valid until one more item has been drawn.
         """
         if int(num_devices) < 1:
             raise ConfigError(f"num_devices must be >= 1, got {num_devices}")
         spec = self._spec(layout, num_atoms, cutoff)
-        return self._iterate(spec, int(num_devices), None, prefetch, transfer)
+        return self._iterate(spec, int(num_devices), None, prefetch, transfer, reuse_buffers)
 
     def _iterate(
         self,
@@ -350,20 +360,25 @@ class PackedMemmapLoader:
         convert: Callable[[Batch], Batch] | None,
         prefetch: int | None,
         transfer: Callable[[Batch], Any] | None,
+        reuse_buffers: bool,
     ) -> Iterator[Batch]:
         epoch, start = self.epoch, self.position
         plan, steps, shape_ids = self._steps(spec, epoch, num_devices)
-        assembler = Assembler(self.dataset, self.n_atoms, self._offsets, spec)
-        per_chunk = max(1, CHUNK_MOLECULES // (self.batch_size * num_devices))
+        depth = max(self.prefetch if prefetch is None else int(prefetch), 0)
+        # the queue holds `depth` items, the consumer one, and VALID_DRAWS more stay untouched
+        ring = depth + 1 + VALID_DRAWS if reuse_buffers else 0
+        assembler = Assembler(
+            self.dataset, self._offsets, spec, plan.shapes, int(self.n_atoms.max(initial=1)), num_devices, ring
+        )
+        real = steps >= 0
+        first = np.where(real, plan.bounds[np.maximum(steps, 0)], 0)
+        last = np.where(real, plan.bounds[np.maximum(steps, 0) + 1], 0)
 
         def produce() -> Iterator[Batch]:
-            for lo in range(start, steps.shape[0], per_chunk):
-                ids = steps[lo : lo + per_chunk]
-                shape_of = np.repeat(shape_ids[lo : lo + per_chunk], num_devices)
-                for item in assembler.assemble(plan, ids.reshape(-1), shape_of, num_devices):
-                    yield item if convert is None else convert(item)
+            for step in range(start, steps.shape[0]):
+                item = assembler.assemble(plan.mols, first[step], last[step], int(shape_ids[step]))
+                yield item if convert is None else convert(item)
 
-        depth = self.prefetch if prefetch is None else int(prefetch)
         return self._track(epoch, prefetched(produce(), depth, transfer))
 
     def _track(self, epoch: int, items: Iterator[Batch]) -> Iterator[Batch]:

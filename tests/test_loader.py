@@ -73,14 +73,15 @@ def check_batch(ds, batch, cutoff=None):
 LAYOUTS = [dict(num_atoms=16), dict(layout="packed"), dict(layout="packed", cutoff=2.0), dict(num_atoms=14, cutoff=2.0)]
 
 
+@pytest.mark.parametrize("reuse", [False, True])
 @pytest.mark.parametrize("kw", LAYOUTS)
-def test_contents_masks_pairs_and_each_molecule_once(data, kw):
+def test_contents_masks_pairs_and_each_molecule_once(data, kw, reuse):
     ds = open_packed(data)
     loader = PackedMemmapLoader(data, batch_size=8, seed=3)
     seen = []
     shapes = {tuple(s) for s in loader.shapes(layout=kw.get("layout"), num_atoms=kw.get("num_atoms"), cutoff=kw.get("cutoff"))}
     count = 0
-    for batch in loader.batches(**kw):
+    for batch in loader.batches(**kw, reuse_buffers=reuse):
         check_batch(ds, batch, kw.get("cutoff"))
         assert (batch["Z"].shape[0], batch["N"].shape[0], batch["dst_idx"].shape[0]) in shapes
         seen.extend(batch["mol_idx"][batch["mol_mask"]].tolist())
@@ -101,6 +102,46 @@ def test_packed_budgets_efficient_and_average_batch_size(tmp_path):
         mols += b["mol_mask"].sum(); nb += 1
     assert atoms / slots > 0.95 and pairs / pslots > 0.9
     assert 30 <= mols / nb <= 34
+
+
+def _copy(batch):
+    return {key: np.array(value) for key, value in batch.items()}
+
+
+@pytest.mark.parametrize("prefetch", [0, 3])
+@pytest.mark.parametrize("kw", LAYOUTS + [dict(num_devices=2, layout="packed"), dict(num_devices=3, num_atoms=14)])
+def test_reused_buffers_equal_fresh_batches(data, kw, prefetch):
+    """Over several epochs (buffers reused across shapes and epochs), a batch copied on arrival equals the fresh one."""
+    kw = dict(kw)
+    devices = kw.pop("num_devices", None)
+    runs = []
+    for reuse in (False, True):
+        loader = PackedMemmapLoader(data, batch_size=8, seed=4, prefetch=prefetch)
+        if devices is None:
+            epochs = [[_copy(b) for b in loader.batches(**kw, reuse_buffers=reuse)] for _ in range(3)]
+        else:
+            epochs = [[_copy(b) for b in loader.stacked_batches(devices, **kw, reuse_buffers=reuse)] for _ in range(3)]
+        runs.append(epochs)
+    fresh, reused = runs
+    assert [len(e) for e in fresh] == [len(e) for e in reused]
+    for a, b in zip((x for e in fresh for x in e), (x for e in reused for x in e)):
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_reused_batch_valid_until_next_draw_and_read_only(data, prefetch):
+    loader = PackedMemmapLoader(data, batch_size=8, seed=1, prefetch=prefetch)
+    expected = [_copy(b) for b in PackedMemmapLoader(data, batch_size=8, seed=1).batches(layout="packed")]
+    it = loader.batches(layout="packed", reuse_buffers=True)
+    held = next(it)
+    with pytest.raises(ValueError):
+        held["R"][0, 0] = 1.0
+    for i, batch in enumerate(it, start=1):
+        for key in held:  # the previous batch is intact while the next one is in hand
+            np.testing.assert_array_equal(held[key], expected[i - 1][key], err_msg=key)
+        held = batch
 
 
 def test_padded_layout_shapes_and_seed_format(data):
