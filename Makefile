@@ -26,6 +26,9 @@ demo: venv
 	$(BIN)/packedqdc pack npz --sample $(DEMO)/sample
 	$(BIN)/packedqdc validate --checksums $(DEMO)/sample
 	$(BIN)/packedqdc stats $(DEMO)/sample --bucket-size 8192
+	$(BIN)/packedqdc train --data-path $(DEMO)/sample --runs-dir $(DEMO)/runs --name demo \
+		--features 64 --batch-size 16 --num-epochs 30 --max-time 150
+	$(BIN)/packedqdc evaluate $(DEMO)/runs/demo --data-path $(DEMO)/sample
 
 clean:
 	rm -rf $(VENV) $(DEMO) runs .pytest_cache
