@@ -58,7 +58,7 @@ def throughput(data: Path, layout: str, args: argparse.Namespace) -> tuple[float
     state = create_state(params, make_optimizer(cfg), jax.random.PRNGKey(1))
     shapes = {}
     for global_batch, _ in batches:  # compile every shape class first
-        shapes.setdefault(global_batch["Z"].shape, global_batch)
+        shapes.setdefault((global_batch["Z"].shape, global_batch["E"].shape, global_batch["dst_idx"].shape), global_batch)
     for global_batch in shapes.values():
         jax.block_until_ready(step(state, global_batch))
     molecules, start = 0, time.perf_counter()

@@ -52,7 +52,11 @@ class RunCheckpoints:
         """The JSON item of the ``kind`` checkpoint."""
         manager = self._managers[kind]
         step = self._require(kind)
-        return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        try:
+            return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except FileNotFoundError:
+            raise TrainingError(f"{self.root / kind}: checkpoint {step} disappeared while reading it "
+                                f"(is the run still training?)") from None
 
     def restore(self, kind: str, template: TrainState) -> tuple[TrainState, dict[str, Any]]:
         """The ``kind`` checkpoint as (state shaped like ``template``, meta)."""
@@ -62,6 +66,9 @@ class RunCheckpoints:
         try:
             restored = manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        except FileNotFoundError:
+            raise TrainingError(f"{self.root / kind}: checkpoint {step} disappeared while reading it "
+                                f"(is the run still training?)") from None
         except (ValueError, KeyError, TypeError) as exc:
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise TrainingError(f"{self.root / kind}: checkpoint does not match the model ({message})") from None
