@@ -6,6 +6,7 @@ import functools
 from typing import Any, Callable, TypeVar
 
 import typer
+import typer.rich_utils
 from rich.console import Console
 from rich.markup import escape
 
@@ -29,6 +30,21 @@ console = Console()
 err_console = Console(stderr=True)
 
 _state = {"debug": False}
+
+
+def _one_line_usage_error(exc: Exception) -> None:
+    """Print a usage error (unknown flag, bad value) as one line instead of Typer's boxed panel.
+
+    ``exc`` is a click ``ClickException`` (Typer vendors click, so it is not imported here).
+    """
+    message = exc.format_message()  # type: ignore[attr-defined]
+    ctx = getattr(exc, "ctx", None)
+    hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    err_console.print(f"[bold red]Error:[/] {escape(message)}{escape(hint)}", highlight=False, soft_wrap=True)
+
+
+# Typer looks this hook up at call time; replacing it keeps every error of the CLI to one line.
+typer.rich_utils.rich_format_error = _one_line_usage_error
 
 
 @app.callback()
