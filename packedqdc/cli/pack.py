@@ -6,12 +6,12 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ..errors import ConfigError
-from ..pack import PackResult, pack_npz
+from ..pack import pack_npz
 from ..sources.npz import DEFAULT_CHUNK_SIZE, parse_keys
-from .app import console, err_console, handles_errors, pack_app
+from .app import handles_errors, pack_app
+from .render import molecule_progress, print_pack_result
 
 
 @pack_app.command("npz")
@@ -38,7 +38,7 @@ def pack_npz_command(
     Energies become kcal/mol, positions Å, forces kcal/mol/Å.
     """
     source, target = _input_and_output(input, output_dir, sample)
-    with _progress_bar() as progress:
+    with molecule_progress() as progress:
         task = progress.add_task("packing", total=None)
         result = pack_npz(
             source,
@@ -51,7 +51,7 @@ def pack_npz_command(
             chunk_size=chunk_size,
             progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
-    _print_result(result)
+    print_pack_result(result, "invalid")
 
 
 def _input_and_output(input: Path | None, output_dir: Path | None, sample: bool) -> tuple[Path, Path]:
@@ -65,32 +65,6 @@ def _input_and_output(input: Path | None, output_dir: Path | None, sample: bool)
     if input is None or output_dir is None:
         raise ConfigError("give INPUT and OUTPUT_DIR (or --sample OUTPUT_DIR)")
     return input, output_dir
-
-
-def _progress_bar() -> Progress:
-    return Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("molecules"),
-        TimeRemainingColumn(),
-        console=err_console,
-        transient=True,
-        disable=not err_console.is_terminal,
-    )
-
-
-def _print_result(result: PackResult) -> None:
-    console.print(
-        f"Packed {result.n_molecules} molecules ({result.n_atoms_total} atoms) into {result.path} "
-        f"in {result.seconds:.1f} s",
-        highlight=False,
-        soft_wrap=True,
-    )
-    if result.skipped:
-        console.print(f"Skipped {result.skipped} invalid molecules; first reasons:", highlight=False)
-        for reason in result.skipped_first:
-            console.print(f"  {reason}", highlight=False, soft_wrap=True)
 
 
 from . import pack_openqdc as _pack_openqdc  # noqa: E402,F401  (registers ``pack openqdc``)

@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ..errors import ConfigError
-from .app import console, err_console, handles_errors, pack_app
+from .app import handles_errors, pack_app
+from .render import molecule_progress, print_pack_result
 
 if TYPE_CHECKING:
     from ..sources.openqdc import DatasetInfo
@@ -56,7 +56,7 @@ def pack_openqdc_command(
         return
     if output_dir is None:
         raise ConfigError("give OUTPUT_DIR (or --list-methods)")
-    with _progress_bar() as progress:
+    with molecule_progress() as progress:
         task = progress.add_task(f"packing {name}", total=None)
         result = pack_openqdc(
             name,
@@ -68,16 +68,7 @@ def pack_openqdc_command(
             force=force,
             progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
-    console.print(
-        f"Packed {result.n_molecules} molecules ({result.n_atoms_total} atoms) into {result.path} "
-        f"in {result.seconds:.1f} s",
-        highlight=False,
-        soft_wrap=True,
-    )
-    if result.skipped:
-        console.print(f"Skipped {result.skipped} molecules with NaN labels; first ones:", highlight=False)
-        for reason in result.skipped_first:
-            console.print(f"  {reason}", highlight=False, soft_wrap=True)
+    print_pack_result(result, "NaN-labelled")
 
 
 def _print_methods(info: DatasetInfo) -> None:
@@ -89,17 +80,3 @@ def _print_methods(info: DatasetInfo) -> None:
     typer.echo("index\tmethod\ttarget name\tforces")
     for m in info.methods:
         typer.echo(f"{m.index}\t{m.name or '-'}\t{m.target}\t{'forces' if m.has_forces else 'no forces'}")
-
-
-def _progress_bar() -> Progress:
-    """A molecules progress bar on stderr, shown only on a terminal."""
-    return Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("molecules"),
-        TimeRemainingColumn(),
-        console=err_console,
-        transient=True,
-        disable=not err_console.is_terminal,
-    )
