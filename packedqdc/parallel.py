@@ -191,6 +191,12 @@ class Placement:
         return int(self.mesh.devices.size)
 
     @property
+    def layout(self) -> dict[str, int]:
+        """``{"num_devices": D, "num_processes": P}``, stored with checkpoints (JSON-ready)."""
+        processes = {d.process_index for d in self.mesh.devices.flat}
+        return {"num_devices": self.num_devices, "num_processes": len(processes)}
+
+    @property
     def num_local_devices(self) -> int:
         """Devices of this process: the sub-batches ``D_local`` each host batch holds."""
         return sum(1 for d in self.mesh.devices.flat if d.process_index == jax.process_index())
@@ -272,14 +278,21 @@ def make_placement(num_local: int | None = None) -> Placement:
     )
 
 
-def check_device_count(saved: int, current: int, run: str = "the checkpoint") -> None:
-    """Refuse to resume on another device count: the global batch and the data order depend on it.
+def check_device_count(saved: Mapping[str, Any], placement: Placement, run: str = "the checkpoint") -> None:
+    """Refuse to resume on other devices: the global batches and each process's shard depend on them.
+
+    Args:
+        saved: the checkpoint's :attr:`Placement.layout` (missing keys count as 1: a run of one
+            device written before data parallelism).
+        placement: this run's placement.
 
     Raises:
-        TrainingError: one line naming both counts and how to resume.
+        TrainingError: one line naming both layouts and how to resume.
     """
-    if saved != current:
+    was = (int(saved.get("num_devices", 1)), int(saved.get("num_processes", 1)))
+    now = (placement.num_devices, int(placement.layout["num_processes"]))
+    if was != now:
         raise TrainingError(
-            f"{run} was trained on {saved} device(s), this run has {current}: "
-            f"resume with the same count (--devices and --num-processes giving {saved} in all)"
+            f"{run} was trained on {was[0]} device(s) in {was[1]} process(es), this run has {now[0]} "
+            f"in {now[1]}: resume with the same --devices and --num-processes"
         )

@@ -11,6 +11,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..errors import ConfigError
+from ..parallel import DistributedConfig, Placement, init_distributed, is_main_process, make_placement
 from ..train.config import PHYSNET_CHARGE_WEIGHT, PHYSNET_FORCES_WEIGHT, TrainConfig
 from .app import app, console, err_console, handles_errors
 
@@ -56,8 +57,14 @@ def train(
     clip_norm: float = _opt(1000.0, "clip-norm", "Global-norm gradient clipping."),
     ema_decay: float = _opt(0.999, "ema-decay", "Decay of the weight average (with warm-up)."),
     max_time: Optional[float] = _opt(None, "max-time", "Stop cleanly with a checkpoint after this many seconds."),
+    devices: Optional[int] = _opt(None, "devices", "Train on the first N local devices, one sub-batch each [default: all]."),
+    distributed: bool = _opt(False, "distributed", "Join a multi-process job (jax.distributed): the three flags below, or SLURM's variables."),
+    coordinator: Optional[str] = _opt(None, "coordinator", "HOST:PORT of process 0 (with --distributed)."),
+    num_processes: Optional[int] = _opt(None, "num-processes", "Processes in the job (with --distributed)."),
+    process_id: Optional[int] = _opt(None, "process-id", "Rank of this process, 0 to N-1 (with --distributed)."),
 ) -> None:
     """Train PhysNet on a packed directory; outputs in RUNS_DIR/NAME (config.json, metrics.csv, checkpoints)."""
+    placement = _placement(devices, distributed, DistributedConfig(coordinator, num_processes, process_id), name)
     from ..train import Callbacks, fit, resume_run, start_run
 
     if resume:
@@ -66,7 +73,7 @@ def train(
         run_dir = runs_dir / name
         if not run_dir.is_dir():
             raise ConfigError(f"{run_dir}: no such run to resume")
-        trainer = resume_run(run_dir, num_epochs=num_epochs, max_time=max_time)
+        trainer = resume_run(run_dir, num_epochs=num_epochs, max_time=max_time, placement=placement)
         console.print(f"resuming [bold]{run_dir}[/] at epoch {int(trainer.state.epoch)}, step {int(trainer.state.step)}")
     else:
         if data_path is not None and not data_path.exists():
@@ -82,7 +89,7 @@ def train(
             plateau_patience=plateau_patience, plateau_factor=plateau_factor, clip_norm=clip_norm,
             ema_decay=ema_decay, max_time=max_time,
         )
-        trainer = start_run(cfg)
+        trainer = start_run(cfg, placement)
         ref = trainer.reference
         console.print(f"run [bold]{trainer.run_dir}[/]: {trainer.train_data.loader.N} train / "
                       f"{trainer.valid_data.loader.N} valid molecules from {trainer.cfg.data_path}; "
@@ -105,10 +112,22 @@ def train(
                   f"{result.best_valid_loss:.4g}; outputs in {trainer.run_dir}")
 
 
+def _placement(devices: Optional[int], distributed: bool, job: DistributedConfig, name: Optional[str]) -> Placement:
+    """Join the job if asked (before any other JAX use), build the device mesh, and let only
+    process 0 print."""
+    if distributed or job.explicit:
+        if name is None:
+            raise ConfigError("--distributed needs --name: every process must write the same run")
+        init_distributed(job)
+    placement = make_placement(devices)
+    console.quiet = not is_main_process()
+    return placement
+
+
 def _progress() -> Progress:
     return Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("steps"), TimeElapsedColumn(), console=err_console, transient=True,
-                    disable=not err_console.is_terminal)
+                    disable=not err_console.is_terminal or not is_main_process())
 
 
 def _epoch_line(row: dict[str, Any]) -> str:

@@ -19,6 +19,7 @@ import numpy as np
 
 from ..errors import TrainingError
 from ..model.physnet import PhysNet
+from ..parallel import is_main_process
 from .checkpoint import RunCheckpoints
 from .config import TrainConfig
 from .loss import LossWeights
@@ -240,7 +241,8 @@ def _end_epoch(trainer: Trainer, epoch: int, acc: SumAccumulator, seconds: float
         **{f"valid_{k}": v for k, v in valid.items()},
         "best": int(best),
     }
-    trainer.metrics_csv.append(row)
+    if is_main_process():
+        trainer.metrics_csv.append(row)
     trainer.save("latest", "epoch", epoch_complete=True)
     if best:
         trainer.save("best", "best", epoch_complete=True)

@@ -20,6 +20,7 @@ import numpy as np
 from ..errors import ConfigError, TargetExistsError
 from ..loader import PackedMemmapLoader
 from ..model.physnet import PhysNet, init_params
+from ..parallel import Placement, check_device_count, is_main_process, main_first, make_placement, sync
 from .checkpoint import RunCheckpoints
 from .config import TrainConfig
 from .data import LoaderStream, default_data_path, split
@@ -53,7 +54,9 @@ def model_for(cfg: TrainConfig, reference: ReferenceEnergies, electrostatics: bo
 
 
 def _loaders(cfg: TrainConfig) -> tuple[PackedMemmapLoader, PackedMemmapLoader]:
-    return split(cfg.data_path, cfg.batch_size, cfg.bucket_size, cfg.seed, cfg.valid_fraction)
+    """(train, valid) loaders of this process's shard (the whole split on one process)."""
+    loaders = split(cfg.data_path, cfg.batch_size, cfg.bucket_size, cfg.seed, cfg.valid_fraction)
+    return tuple(loader.shard(jax.process_index(), jax.process_count()) for loader in loaders)
 
 
 def _streams(cfg: TrainConfig, loaders: tuple[PackedMemmapLoader, PackedMemmapLoader],
@@ -63,13 +66,14 @@ def _streams(cfg: TrainConfig, loaders: tuple[PackedMemmapLoader, PackedMemmapLo
 
 
 def _assemble(cfg: TrainConfig, run_dir: Path, model: PhysNet, reference: ReferenceEnergies,
-              state: TrainState, streams: tuple[LoaderStream, LoaderStream], has_forces: bool) -> Trainer:
+              state: TrainState, streams: tuple[LoaderStream, LoaderStream], has_forces: bool,
+              placement: Placement) -> Trainer:
     weights = loss_weights(cfg, has_forces)
-    return Trainer(cfg=cfg, run_dir=run_dir, model=model, reference=reference, weights=weights, state=state,
-                   train_data=streams[0], valid_data=streams[1],
-                   train_step=make_train_step(model, cfg, weights),
-                   eval_step=make_eval_step(model, weights), checkpoints=RunCheckpoints(run_dir),
-                   has_forces=has_forces)
+    return Trainer(cfg=cfg, run_dir=run_dir, model=model, reference=reference, weights=weights,
+                   state=placement.replicate(state), train_data=streams[0], valid_data=streams[1],
+                   train_step=placement.jit(make_train_step(model, cfg, weights)),
+                   eval_step=placement.jit(make_eval_step(model, weights)), checkpoints=RunCheckpoints(run_dir),
+                   has_forces=has_forces, put=placement.put_batch, extra_meta=dict(placement.layout))
 
 
 def initial_state(cfg: TrainConfig, model: PhysNet, stream: LoaderStream) -> TrainState:
@@ -83,14 +87,21 @@ def initial_state(cfg: TrainConfig, model: PhysNet, stream: LoaderStream) -> Tra
     return create_state(params, make_optimizer(cfg), state_key)
 
 
-def start_run(cfg: TrainConfig, devices: int = 1) -> Trainer:
-    """A new run in ``cfg.runs_dir / name``; TargetExistsError if that directory exists."""
+def start_run(cfg: TrainConfig, placement: Placement | None = None) -> Trainer:
+    """A new run in ``cfg.runs_dir / name``; TargetExistsError if that directory exists.
+
+    ``placement`` (default: one device) says where the run trains (``packedqdc.parallel``); in a
+    multi-process job every process calls this with the same ``cfg`` (and an explicit ``name``).
+    """
+    placement = placement or make_placement(1)
     name = run_name(cfg)
     cfg = cfg.replace(name=name)
     run_dir = Path(cfg.runs_dir) / name
-    if run_dir.exists():
+    exists = run_dir.exists()
+    sync("packedqdc-start-run")  # every process looks before process 0 creates it
+    if exists:
         raise TargetExistsError(f"{run_dir}: run already exists; pass --resume to continue it or choose another --name")
-    data_path = Path(cfg.data_path) if cfg.data_path else default_data_path(cfg.runs_dir)
+    data_path = Path(cfg.data_path) if cfg.data_path else main_first(lambda: default_data_path(cfg.runs_dir))
     if not data_path.exists():
         raise ConfigError(f"{data_path}: --data-path does not exist")
     cfg = cfg.replace(data_path=str(data_path))
@@ -101,30 +112,39 @@ def start_run(cfg: TrainConfig, devices: int = 1) -> Trainer:
     electrostatics = charged if cfg.electrostatics is None else cfg.electrostatics
     cfg = cfg.replace(electrostatics=electrostatics)
     model = model_for(cfg, reference, electrostatics)
-    streams = _streams(cfg, loaders, reference, devices)
+    streams = _streams(cfg, loaders, reference, placement.num_local_devices)
     state = initial_state(cfg, model, streams[0])
-    run_dir.mkdir(parents=True)
-    cfg.save(run_dir / CONFIG_FILE)
-    return _assemble(cfg, run_dir, model, reference, state, streams, has_forces=ds.F is not None)
+    if is_main_process():
+        run_dir.mkdir(parents=True)
+        cfg.save(run_dir / CONFIG_FILE)
+    sync("packedqdc-run-dir")
+    return _assemble(cfg, run_dir, model, reference, state, streams, ds.F is not None, placement)
 
 
 def resume_run(run_dir: str | Path, *, num_epochs: int | None = None, max_time: float | None = None,
-               devices: int = 1) -> Trainer:
-    """Continue ``run_dir`` from its ``latest`` checkpoint; ``num_epochs``/``max_time`` may change."""
+               placement: Placement | None = None) -> Trainer:
+    """Continue ``run_dir`` from its ``latest`` checkpoint; ``num_epochs``/``max_time`` may change.
+
+    ``placement`` (default: one device) must have the devices and processes the run had.
+    """
+    placement = placement or make_placement(1)
     run_dir = Path(run_dir)
     checkpoints = RunCheckpoints(run_dir)
     meta = checkpoints.read_meta("latest")
+    check_device_count(meta, placement, run=str(run_dir))
     cfg = TrainConfig.from_dict(meta["config"])
     cfg = cfg.replace(num_epochs=cfg.num_epochs if num_epochs is None else num_epochs, max_time=max_time)
     reference = ReferenceEnergies.from_dict(meta["reference"])
     model = build_model(meta["model"])
-    streams = _streams(cfg, _loaders(cfg), reference, devices)
-    template = initial_state(cfg, model, streams[0])
+    streams = _streams(cfg, _loaders(cfg), reference, placement.num_local_devices)
+    template = placement.replicate(initial_state(cfg, model, streams[0]))
     state, meta = checkpoints.restore("latest", template)
     streams[0].restore(meta["loader"])
-    cfg.save(run_dir / CONFIG_FILE)
-    trainer = _assemble(cfg, run_dir, model, reference, state, streams, has_forces=bool(meta["has_forces"]))
+    trainer = _assemble(cfg, run_dir, model, reference, state, streams, bool(meta["has_forces"]), placement)
     best = meta.get("best_valid_loss")
     trainer.best_valid_loss = math.inf if best is None else float(best)
-    trainer.metrics_csv.truncate_after(int(meta["epoch"]))
+    if is_main_process():
+        cfg.save(run_dir / CONFIG_FILE)
+        trainer.metrics_csv.truncate_after(int(meta["epoch"]))
+    sync("packedqdc-resume-run")
     return trainer
