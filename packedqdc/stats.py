@@ -150,7 +150,10 @@ def _recommend(s: dict[str, Any]) -> str:
     if not padded["fits"]:
         return text + f"; padded needs num_atoms >= {max_n} (molecule {padded['first_too_large']} has {padded['its_atoms']} atoms)"
     if s["settings"]["num_atoms"] > max_n:
-        text += f"; for the padded layout num_atoms={max_n} (the largest molecule) wastes less than {s['settings']['num_atoms']}"
+        text += (
+            f"; if you keep the padded layout, num_atoms={max_n} (the largest molecule) "
+            f"wastes fewer slots than num_atoms={s['settings']['num_atoms']}"
+        )
     return text
 
 
