@@ -253,17 +253,20 @@ class Placement:
             return jax.device_put(tree, self.replicated)
         from jax.experimental import multihost_utils
 
+        leaves, treedef = jax.tree.flatten(tree)
+        placed = [isinstance(x, jax.Array) and x.sharding == self.replicated for x in leaves]
+        host = {str(i): np.asarray(x) for i, (x, done) in enumerate(zip(leaves, placed)) if not done}
         try:
-            multihost_utils.assert_equal(tree, "processes hold different values")
+            multihost_utils.assert_equal(host, "processes hold different values")
         except AssertionError as exc:
             raise TrainingError(f"replicating the training state: {str(exc).splitlines()[0]}") from None
-        return jax.tree.map(self._replicate_leaf, tree)
+        return jax.tree.unflatten(treedef, [
+            x if done else self._replicated_array(host[str(i)])
+            for i, (x, done) in enumerate(zip(leaves, placed))
+        ])
 
-    def _replicate_leaf(self, leaf: Any) -> jax.Array:
-        """One leaf of :meth:`replicate` in a multi-process job."""
-        if isinstance(leaf, jax.Array) and leaf.sharding == self.replicated:
-            return leaf
-        host = np.asarray(leaf)
+    def _replicated_array(self, host: np.ndarray) -> jax.Array:
+        """A host array, the same on every process, as a replicated global array."""
         return jax.make_array_from_callback(host.shape, self.replicated, lambda index: host[index])
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -102,6 +103,21 @@ def _run_mesh(out: str, data: str) -> None:
     Path(out).write_text(json.dumps(result))
 
 
+def _checkpoint_round_trip(placement, state, run_dir: Path):
+    """A host-side state update (as the epoch end makes), saved by all processes and restored."""
+    import jax.numpy as jnp
+
+    from packedqdc.train.checkpoint import RunCheckpoints
+
+    state = placement.replicate(state.replace(plateau_best=jnp.float32(1.5)))
+    checkpoints = RunCheckpoints(run_dir)
+    checkpoints.save("latest", state, placement.layout)
+    restored, meta = checkpoints.restore("latest", state)
+    checkpoints.close()
+    assert meta == placement.layout and float(restored.plateau_best) == 1.5
+    return restored
+
+
 def _run_distributed(out: str, data: str, port: int, process_id: int) -> None:
     """One of two processes: join, train one epoch on this process's shard, dump what it saw."""
     from packedqdc.parallel import DistributedConfig, init_distributed, is_main_process, make_placement
@@ -120,8 +136,9 @@ def _run_distributed(out: str, data: str, port: int, process_id: int) -> None:
         seen += mols
         state, sums = step(state, placement.put_batch(batch))
         losses.append(float(sums["loss"]))
+    restored = _checkpoint_round_trip(placement, state, Path(out).parent / "run")
     Path(out).write_text(json.dumps({"seen": seen, "losses": losses, "params": _flat_params(state),
-                                     "main": is_main_process()}))
+                                     "restored": _flat_params(restored), "main": is_main_process()}))
     __import__("jax").distributed.shutdown()
 
 
@@ -181,6 +198,7 @@ def test_two_processes_train_together(tmp_path: Path, sample: str) -> None:
     assert len(r0["losses"]) == len(r1["losses"]) >= 4
     assert r0["losses"] == r1["losses"]
     assert r0["params"] == r1["params"]
+    assert r0["restored"] == r0["params"] and r1["restored"] == r1["params"]
     assert (r0["main"], r1["main"]) == (True, False)
 
 
@@ -213,6 +231,27 @@ def test_slurm_variables_enable_auto_detection() -> None:
     assert slurm_present(env)
     validate_distributed(DistributedConfig(), environ=env)
     assert not slurm_present({k: v for k, v in env.items() if k != "SLURM_STEP_NODELIST"})
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--distributed"], "--distributed needs --name"),
+        (["--distributed", "--name", "x"], "missing SLURM variables"),
+        (["--name", "x", "--coordinator", "127.0.0.1:1", "--num-processes", "2"], "given together"),
+        (["--name", "x", "--devices", "99"], r"--devices: must be in \[1, "),
+    ],
+)
+def test_cli_parallel_flag_errors(args: list[str], match: str, tmp_path: Path, monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from packedqdc.cli.app import app
+
+    for name in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(name)
+    result = CliRunner().invoke(app, ["train", "--runs-dir", str(tmp_path), *args])
+    assert result.exit_code == 2
+    assert re.search(match, " ".join(result.output.split()))
 
 
 if __name__ == "__main__":

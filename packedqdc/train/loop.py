@@ -90,6 +90,7 @@ class Trainer:
     has_forces: bool = True
     best_valid_loss: float = math.inf
     put: Callable[[Mapping[str, np.ndarray]], Any] = jax.device_put
+    place_state: Callable[[TrainState], TrainState] = jax.device_put
     extra_meta: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -227,7 +228,8 @@ def _end_epoch(trainer: Trainer, epoch: int, acc: SumAccumulator, seconds: float
     if not math.isfinite(valid["loss"]):
         raise TrainingError(f"non-finite validation loss ({valid['loss']}) after epoch {epoch + 1}; "
                             f"training stopped; last good checkpoint kept in {trainer.checkpoints.root}")
-    trainer.state = plateau_update(cfg, trainer.state, valid["loss"]).replace(epoch=trainer.state.epoch + 1)
+    trainer.state = trainer.place_state(  # host-side updates back onto the devices of the steps
+        plateau_update(cfg, trainer.state, valid["loss"]).replace(epoch=trainer.state.epoch + 1))
     best = valid["loss"] < trainer.best_valid_loss
     if best:
         trainer.best_valid_loss = valid["loss"]

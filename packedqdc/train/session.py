@@ -73,7 +73,8 @@ def _assemble(cfg: TrainConfig, run_dir: Path, model: PhysNet, reference: Refere
                    state=placement.replicate(state), train_data=streams[0], valid_data=streams[1],
                    train_step=placement.jit(make_train_step(model, cfg, weights)),
                    eval_step=placement.jit(make_eval_step(model, weights)), checkpoints=RunCheckpoints(run_dir),
-                   has_forces=has_forces, put=placement.put_batch, extra_meta=dict(placement.layout))
+                   has_forces=has_forces, put=placement.put_batch, place_state=placement.replicate,
+                   extra_meta=dict(placement.layout))
 
 
 def initial_state(cfg: TrainConfig, model: PhysNet, stream: LoaderStream) -> TrainState:
