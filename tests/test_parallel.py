@@ -254,6 +254,16 @@ def test_cli_parallel_flag_errors(args: list[str], match: str, tmp_path: Path, m
     assert re.search(match, " ".join(result.output.split()))
 
 
+def test_batch_size_is_global_and_must_divide_among_devices(tmp_path: Path, sample: str) -> None:
+    cmd = [sys.executable, "-m", "packedqdc", "train", "--data-path", sample, "--runs-dir", str(tmp_path),
+           "--name", "x", "--devices", "2", "--batch-size", "15"]
+    proc = subprocess.run(cmd, env=_env(2), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    message = " ".join(proc.stderr.split())
+    assert "--batch-size 15 is the global batch and must be a multiple of the 2 devices" in message
+    assert "Traceback" not in proc.stderr
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "mesh":
         _run_mesh(sys.argv[2], sys.argv[3])

@@ -29,7 +29,7 @@ def train(
     name: Optional[str] = _opt(None, "name", "Run name: outputs go to RUNS_DIR/NAME [default: physnet-DATE-TIME]."),
     runs_dir: Path = _opt(Path("runs"), "runs-dir", "Directory of runs."),
     resume: bool = _opt(False, "resume", "Continue RUNS_DIR/NAME from its latest checkpoint (its saved options apply; --num-epochs and --max-time may change)."),
-    batch_size: int = _opt(32, "batch-size", "Molecules per batch (packed layout: on average)."),
+    batch_size: int = _opt(32, "batch-size", "Molecules per step over all devices (packed layout: on average)."),
     num_epochs: Optional[int] = _opt(None, "num-epochs", "Epochs to train in all [default: 100]."),
     learning_rate: float = _opt(1e-3, "learning-rate", "Initial learning rate (AMSGrad)."),
     num_atoms: int = _opt(60, "num-atoms", "Padded layout: atom slots per molecule (largest molecule allowed)."),
