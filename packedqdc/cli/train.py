@@ -5,15 +5,17 @@ underscore spelling (``--data_path`` as well as ``--data-path``)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..errors import ConfigError
-from ..parallel import DistributedConfig, Placement, init_distributed, is_main_process, make_placement
 from ..train.config import PHYSNET_CHARGE_WEIGHT, PHYSNET_FORCES_WEIGHT, TrainConfig
 from .app import app, console, err_console, handles_errors
+
+if TYPE_CHECKING:  # JAX loads only when a run starts, so the other commands start fast
+    from ..parallel import DistributedConfig, Placement
 
 
 def _opt(default: Any, name: str, help: str) -> Any:
@@ -64,6 +66,8 @@ def train(
     process_id: Optional[int] = _opt(None, "process-id", "Rank of this process, 0 to N-1 (with --distributed)."),
 ) -> None:
     """Train PhysNet on a packed directory; outputs in RUNS_DIR/NAME (config.json, metrics.csv, checkpoints)."""
+    from ..parallel import DistributedConfig
+
     placement = _placement(devices, distributed, DistributedConfig(coordinator, num_processes, process_id), name)
     from ..train import Callbacks, fit, resume_run, start_run
 
@@ -115,6 +119,8 @@ def train(
 def _placement(devices: Optional[int], distributed: bool, job: DistributedConfig, name: Optional[str]) -> Placement:
     """Join the job if asked (before any other JAX use), build the device mesh, and let only
     process 0 print."""
+    from ..parallel import init_distributed, is_main_process, make_placement
+
     if distributed or job.explicit:
         if name is None:
             raise ConfigError("--distributed needs --name: every process must write the same run")
@@ -125,6 +131,8 @@ def _placement(devices: Optional[int], distributed: bool, job: DistributedConfig
 
 
 def _progress() -> Progress:
+    from ..parallel import is_main_process
+
     return Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("steps"), TimeElapsedColumn(), console=err_console, transient=True,
                     disable=not err_console.is_terminal or not is_main_process())

@@ -1,29 +1,44 @@
 """Training PhysNet on packed directories: configuration, reference energies, loss, optimiser, state,
-checkpoints, the epoch loop, evaluation and prediction. See docs/training.md."""
+checkpoints, the epoch loop, evaluation and prediction. See docs/training.md.
 
-from .checkpoint import RunCheckpoints
-from .config import TrainConfig
-from .evaluate import EvalResult, evaluate_run
-from .loop import Callbacks, FitResult, Trainer, fit
-from .predict import Potential, load_run_state
-from .reference import ReferenceEnergies, fit_reference_energies
-from .session import resume_run, start_run
-from .state import TrainState
+Names are imported on first use, so ``packedqdc.train.config`` can be read without loading JAX.
+"""
 
-__all__ = [
-    "Callbacks",
-    "EvalResult",
-    "FitResult",
-    "Potential",
-    "ReferenceEnergies",
-    "RunCheckpoints",
-    "TrainConfig",
-    "TrainState",
-    "Trainer",
-    "evaluate_run",
-    "fit",
-    "fit_reference_energies",
-    "load_run_state",
-    "resume_run",
-    "start_run",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "RunCheckpoints": ".checkpoint",
+    "TrainConfig": ".config",
+    "EvalResult": ".evaluate",
+    "evaluate_run": ".evaluate",
+    "Callbacks": ".loop",
+    "FitResult": ".loop",
+    "Trainer": ".loop",
+    "fit": ".loop",
+    "Potential": ".predict",
+    "load_run_state": ".predict",
+    "ReferenceEnergies": ".reference",
+    "fit_reference_energies": ".reference",
+    "resume_run": ".session",
+    "start_run": ".session",
+    "TrainState": ".state",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'packedqdc.train' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+__all__ = sorted(_LAZY)
