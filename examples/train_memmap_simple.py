@@ -16,7 +16,7 @@ from pathlib import Path
 
 import jax
 
-from packedqdc.model import EF
+from packedqdc import EF
 from packedqdc.data import SAMPLE_NPZ
 from packedqdc.loader import PackedMemmapLoader, split_loader
 from packedqdc.model.physnet import init_params
