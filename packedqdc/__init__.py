@@ -6,9 +6,7 @@ imported on first use, so ``import packedqdc`` (and the CLI) stays fast and does
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from ._lazy import lazy_attributes
 from .errors import ConfigError, FormatError, PackedQDCError, SourceError, TargetExistsError, TrainingError
 from .format import MoleculeChunk, PackedDataset, PackedWriter, open_packed
 
@@ -31,18 +29,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'packedqdc' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
-
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)
 
 __all__ = [
     "ConfigError",
