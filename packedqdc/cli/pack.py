@@ -23,10 +23,10 @@ def pack_npz_command(
         None, "--keys", help="Member names for roles R,Z,E,F,N,Q, e.g. 'R=coords,Z=atomic_numbers'."
     ),
     energy_unit: Optional[str] = typer.Option(
-        None, "--energy-unit", help="kcal/mol, ev, hartree or kj/mol [default: the file's e_unit, else kcal/mol]."
+        None, "--energy-unit", help="kcal/mol, ev, hartree or kj/mol \\[default: the file's e_unit, else kcal/mol]."
     ),
     length_unit: Optional[str] = typer.Option(
-        None, "--length-unit", help="ang or bohr [default: the file's r_unit, else ang]."
+        None, "--length-unit", help="ang or bohr \\[default: the file's r_unit, else ang]."
     ),
     skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Drop bad molecules instead of failing."),
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT_DIR if it exists."),

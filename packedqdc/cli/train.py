@@ -11,11 +11,16 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..errors import ConfigError
-from ..train.config import PHYSNET_CHARGE_WEIGHT, PHYSNET_FORCES_WEIGHT, TrainConfig
+from ..train.config import TrainConfig
 from .app import app, console, err_console, handles_errors
 
 if TYPE_CHECKING:  # JAX loads only when a run starts, so the other commands start fast
     from ..parallel import DistributedConfig, Placement
+
+
+def _default(field: str) -> Any:
+    """``TrainConfig``'s default for ``field``: the one place training defaults are defined."""
+    return TrainConfig.__dataclass_fields__[field].default
 
 
 def _opt(default: Any, name: str, help: str) -> Any:
@@ -27,39 +32,39 @@ def _opt(default: Any, name: str, help: str) -> Any:
 @app.command("train")
 @handles_errors
 def train(
-    data_path: Optional[Path] = _opt(None, "data-path", "Packed directory [default: the bundled sample, packed into RUNS_DIR/.cache]."),
-    name: Optional[str] = _opt(None, "name", "Run name: outputs go to RUNS_DIR/NAME [default: physnet-DATE-TIME]."),
+    data_path: Optional[Path] = _opt(None, "data-path", "Packed directory \\[default: the bundled sample, packed into RUNS_DIR/.cache]."),
+    name: Optional[str] = _opt(None, "name", "Run name: outputs go to RUNS_DIR/NAME \\[default: physnet-DATE-TIME]."),
     runs_dir: Path = _opt(Path("runs"), "runs-dir", "Directory of runs."),
     resume: bool = _opt(False, "resume", "Continue RUNS_DIR/NAME from its latest checkpoint (its saved options apply; --num-epochs and --max-time may change)."),
-    batch_size: int = _opt(32, "batch-size", "Molecules per step over all devices (packed layout: on average)."),
-    num_epochs: Optional[int] = _opt(None, "num-epochs", "Epochs to train in all [default: 100]."),
-    learning_rate: float = _opt(1e-3, "learning-rate", "Initial learning rate (AMSGrad)."),
-    num_atoms: int = _opt(60, "num-atoms", "Padded layout: atom slots per molecule (largest molecule allowed)."),
-    bucket_size: int = _opt(8192, "bucket-size", "Padded layout: molecules sorted by size within buckets of this many."),
-    layout: str = _opt("packed", "layout", "Batch layout: packed or padded."),
-    valid_fraction: float = _opt(0.1, "valid-fraction", "Fraction of molecules held out for validation."),
-    seed: int = _opt(0, "seed", "Seed of the split, the epoch order and the initial weights."),
-    features: int = _opt(128, "features", "PhysNet feature width."),
-    num_iterations: int = _opt(3, "num-iterations", "PhysNet modules (interaction + output blocks)."),
-    num_basis: int = _opt(64, "num-basis", "Radial basis functions."),
-    cutoff: float = _opt(5.0, "cutoff", "Short-range cutoff, Å."),
+    batch_size: int = _opt(_default("batch_size"), "batch-size", "Molecules per step over all devices (packed layout: on average)."),
+    num_epochs: Optional[int] = _opt(None, "num-epochs", f"Epochs to train in all \\[default: {_default('num_epochs')}]."),
+    learning_rate: float = _opt(_default("learning_rate"), "learning-rate", "Initial learning rate (AMSGrad)."),
+    num_atoms: int = _opt(_default("num_atoms"), "num-atoms", "Padded layout: atom slots per molecule (largest molecule allowed)."),
+    bucket_size: int = _opt(_default("bucket_size"), "bucket-size", "Padded layout: molecules sorted by size within buckets of this many."),
+    layout: str = _opt(_default("layout"), "layout", "Batch layout: packed or padded."),
+    valid_fraction: float = _opt(_default("valid_fraction"), "valid-fraction", "Fraction of molecules held out for validation."),
+    seed: int = _opt(_default("seed"), "seed", "Seed of the split, the epoch order and the initial weights."),
+    features: int = _opt(_default("features"), "features", "PhysNet feature width."),
+    num_iterations: int = _opt(_default("num_iterations"), "num-iterations", "PhysNet modules (interaction + output blocks)."),
+    num_basis: int = _opt(_default("num_basis"), "num-basis", "Radial basis functions."),
+    cutoff: float = _opt(_default("cutoff"), "cutoff", "Short-range cutoff, Å."),
     electrostatics: Optional[bool] = typer.Option(
         None, "--electrostatics/--no-electrostatics",
-        help="Shielded Coulomb energy of the atomic charges [default: on iff the training data has charged molecules]."),
-    loss: str = _opt("mae", "loss", "Error form: mae (PhysNet) or mse."),
-    energy_weight: float = _opt(1.0, "energy-weight", "Weight of the energy term."),
-    forces_weight: float = _opt(PHYSNET_FORCES_WEIGHT, "forces-weight", "Weight of the forces term (PhysNet's)."),
-    charge_weight: float = _opt(PHYSNET_CHARGE_WEIGHT, "charge-weight", "Weight of the total-charge term (PhysNet's)."),
-    nh_weight: float = _opt(0.01, "nh-weight", "Weight of the non-hierarchicality penalty."),
-    lr_schedule: str = _opt("exponential", "lr-schedule", "exponential (PhysNet) or plateau."),
-    decay_rate: float = _opt(0.1, "decay-rate", "Exponential schedule: factor per --decay-steps."),
-    decay_steps: int = _opt(10_000_000, "decay-steps", "Exponential schedule: steps per --decay-rate factor."),
-    plateau_patience: int = _opt(5, "plateau-patience", "Plateau schedule: epochs without improvement before a cut."),
-    plateau_factor: float = _opt(0.5, "plateau-factor", "Plateau schedule: factor of each cut."),
-    clip_norm: float = _opt(1000.0, "clip-norm", "Global-norm gradient clipping."),
-    ema_decay: float = _opt(0.999, "ema-decay", "Decay of the weight average (with warm-up)."),
+        help="Shielded Coulomb energy of the atomic charges \\[default: on iff the training data has charged molecules]."),
+    loss: str = _opt(_default("loss"), "loss", "Error form: mae (PhysNet) or mse."),
+    energy_weight: float = _opt(_default("energy_weight"), "energy-weight", "Weight of the energy term."),
+    forces_weight: float = _opt(_default("forces_weight"), "forces-weight", "Weight of the forces term (PhysNet's)."),
+    charge_weight: float = _opt(_default("charge_weight"), "charge-weight", "Weight of the total-charge term (PhysNet's)."),
+    nh_weight: float = _opt(_default("nh_weight"), "nh-weight", "Weight of the non-hierarchicality penalty."),
+    lr_schedule: str = _opt(_default("lr_schedule"), "lr-schedule", "exponential (PhysNet) or plateau."),
+    decay_rate: float = _opt(_default("decay_rate"), "decay-rate", "Exponential schedule: factor per --decay-steps."),
+    decay_steps: int = _opt(_default("decay_steps"), "decay-steps", "Exponential schedule: steps per --decay-rate factor."),
+    plateau_patience: int = _opt(_default("plateau_patience"), "plateau-patience", "Plateau schedule: epochs without improvement before a cut."),
+    plateau_factor: float = _opt(_default("plateau_factor"), "plateau-factor", "Plateau schedule: factor of each cut."),
+    clip_norm: float = _opt(_default("clip_norm"), "clip-norm", "Global-norm gradient clipping."),
+    ema_decay: float = _opt(_default("ema_decay"), "ema-decay", "Decay of the weight average (with warm-up)."),
     max_time: Optional[float] = _opt(None, "max-time", "Stop cleanly with a checkpoint after this many seconds."),
-    devices: Optional[int] = _opt(None, "devices", "Train on the first N local devices, one sub-batch each [default: all]."),
+    devices: Optional[int] = _opt(None, "devices", "Train on the first N local devices, one sub-batch each \\[default: all]."),
     distributed: bool = _opt(False, "distributed", "Join a multi-process job (jax.distributed): the three flags below, or SLURM's variables."),
     coordinator: Optional[str] = _opt(None, "coordinator", "HOST:PORT of process 0 (with --distributed)."),
     num_processes: Optional[int] = _opt(None, "num-processes", "Processes in the job (with --distributed)."),
@@ -84,7 +89,7 @@ def train(
             raise ConfigError(f"{data_path}: --data-path does not exist")
         cfg = TrainConfig(
             data_path=None if data_path is None else str(data_path), name=name, runs_dir=str(runs_dir),
-            batch_size=batch_size, num_epochs=100 if num_epochs is None else num_epochs,
+            batch_size=batch_size, num_epochs=_default("num_epochs") if num_epochs is None else num_epochs,
             learning_rate=learning_rate, num_atoms=num_atoms, bucket_size=bucket_size, layout=layout,
             valid_fraction=valid_fraction, seed=seed, features=features, num_iterations=num_iterations,
             num_basis=num_basis, cutoff=cutoff, electrostatics=electrostatics, loss=loss,
