@@ -336,35 +336,68 @@ def packed_plan(
     return EpochPlan(mols, bounds, shape_ids, shapes)
 
 
-def group_batches(plan: EpochPlan, group_size: int, rng: np.random.Generator | None) -> np.ndarray:
-    """Arrange the epoch's batches in groups of ``group_size`` batches of one shape class.
+def part_shapes(
+    shapes: tuple[BatchShape, ...], parts: int, layout: str, max_atoms: int, max_pairs: int, balanced_atoms: bool
+) -> tuple[BatchShape, ...]:
+    """Static shape of one of ``parts`` parts of a batch of each class, as dealt by ``split_plan``.
 
-    Groups feed data parallelism: a group is one global step, split over processes and devices,
-    which must all see the same shape. Each class's batches are cut into groups in plan order;
-    the last group of a class is completed with all-padding batches (-1). Groups are then put in
-    a (seeded) random order, or kept in class order when ``rng`` is None.
+    ``split_plan`` deals each batch's molecules out in snake order of decreasing size, so any two
+    parts differ by at most one molecule, and, for every quantity that does not increase along that
+    order, by at most the largest single value (the first item one part gets bounds its excess over
+    any other). A part therefore holds at most ``(total + (parts - 1) * largest) / parts`` of it:
 
-    Returns:
-        (n_groups, group_size) int64 batch ids into ``plan``, -1 for an all-padding batch.
+    - ``packed``: real atoms ``<= (A - 1 + (parts - 1) * max_atoms) / parts`` when the order is by
+      atoms (``balanced_atoms``: all pairs, which grow with atoms), else ``<= A - 1`` (pairs within a
+      cutoff need not grow with atoms, so the order is by pairs); pairs
+      ``<= (P + (parts - 1) * max_pairs) / parts``; molecules ``<= ceil((M - 1) / parts)``; plus
+      the padding atom and molecule slot every packed batch keeps.
+    - ``padded``: ``ceil(M / parts)`` molecule slots of ``A / M`` atoms each.
+
+    Args:
+        shapes: the classes of the (global) batches; parts: their number per batch.
+        max_atoms, max_pairs: the largest molecule of the loader, in atoms and in pairs.
     """
-    ids = np.arange(plan.n_batches, dtype=np.int64)
-    if group_size == 1:
-        return ids[:, None]
-    groups = []
-    for k in range(len(plan.shapes)):
-        mine = ids[plan.shape_ids == k]
-        pad = (-mine.shape[0]) % group_size
-        groups.append(np.concatenate([mine, np.full(pad, -1, dtype=np.int64)]).reshape(-1, group_size))
-    out = np.concatenate(groups) if groups else np.zeros((0, group_size), dtype=np.int64)
-    if rng is not None:
-        out = out[rng.permutation(out.shape[0])]
-    return out
+    if parts == 1:
+        return shapes
+    out = []
+    for s in shapes:
+        if layout == "padded":
+            na, m = s.A // s.M, -(-s.M // parts)
+            out.append(BatchShape(m * na, m, m * na * (na - 1)))
+            continue
+        atoms = min(s.A - 1, (s.A - 1 + (parts - 1) * max_atoms) // parts) if balanced_atoms else s.A - 1
+        pairs = min(s.P, (s.P + (parts - 1) * max_pairs) // parts)
+        out.append(BatchShape(atoms + 1, -(-(s.M - 1) // parts) + 1, max(pairs, 1)))
+    return tuple(out)
 
 
-def group_shape_ids(plan: EpochPlan, groups: np.ndarray) -> np.ndarray:
-    """(n_groups,) int32 class of each group (every batch in a group has it)."""
-    first = np.max(groups, axis=1)  # any real batch; a group has at least one
-    return plan.shape_ids[first]
+def split_plan(plan: EpochPlan, parts: int, sizes: np.ndarray, part_classes: tuple[BatchShape, ...]) -> EpochPlan:
+    """Deal every batch of ``plan`` out into ``parts`` parts: the plan of the parts, batch after batch.
+
+    The molecules of each batch are ordered by decreasing ``sizes`` and dealt in snake order
+    (part 0, 1, .., parts-1, then parts-1, .., 0, and so on), which balances molecules, atoms and
+    pairs between the parts within the bounds of ``part_shapes``. Part ``j`` of batch ``b`` is batch
+    ``b * parts + j`` of the result; a part may be empty (all padding) when the batch has fewer
+    molecules than parts. The molecules of a batch are the molecules of its parts: a step over all
+    parts sees exactly the molecules of the unsplit step.
+
+    Args:
+        plan: the epoch plan of the global batches.
+        sizes: (N,) the dealing key of every dataset molecule (atoms, or pairs within a cutoff).
+        part_classes: ``part_shapes`` of ``plan.shapes``.
+    """
+    n_b = plan.n_batches
+    counts = np.diff(plan.bounds)
+    batch = np.repeat(np.arange(n_b, dtype=np.int64), counts)
+    by_size = np.lexsort((-np.asarray(sizes)[plan.mols], batch))  # within each batch, largest first
+    rank = np.arange(plan.mols.shape[0], dtype=np.int64) - np.repeat(plan.bounds[:-1], counts)
+    row, col = np.divmod(rank, parts)
+    part = np.where(row % 2 == 0, col, parts - 1 - col)
+    mols = plan.mols[by_size][np.lexsort((rank, part, batch))]  # rank, part, batch: of the sorted sequence
+    per_part = np.zeros(n_b * parts, dtype=np.int64)
+    np.add.at(per_part, batch * parts + part, 1)
+    bounds = np.concatenate([[0], np.cumsum(per_part)]).astype(np.int64)
+    return EpochPlan(mols, bounds, np.repeat(plan.shape_ids, parts), part_classes)
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,17 +27,16 @@ from .batching import (
     check_budgets,
     cutoff_pair_counts,
     design_budgets,
-    group_batches,
-    group_shape_ids,
     packed_plan,
     padded_plan,
+    part_shapes,
+    split_plan,
 )
 from .errors import ConfigError, FormatError
 from .format import open_packed
 
 LAYOUTS = ("padded", "packed")
 VALID_DRAWS = 1  # with reuse_buffers, a batch stays valid until this many more have been drawn
-_GROUP_STREAM = 1  # rng stream of the group order, apart from the molecule order
 
 Batch = dict[str, Any]
 
@@ -168,12 +167,14 @@ class PackedMemmapLoader:
     def shard(self, index: int, count: int) -> PackedMemmapLoader:
         """A loader for process ``index`` of ``count`` over the same molecules and seed.
 
-        Every process computes the same epoch order; the batches are dealt out in groups of
-        ``count`` (times the devices of ``stacked_batches``), each group of one shape class, and
-        process ``index`` takes its member of each group. All processes yield the same number of
-        batches per epoch with the same shapes in the same order; where a class's batches do not
-        divide evenly, the last group is completed with all-padding batches (``mol_mask`` all
-        False), so each molecule is still seen exactly once per epoch.
+        Every process computes the same epoch plan of ``batch_size``-molecule batches (global
+        batches); each batch is dealt out into ``count`` parts (times the devices of
+        ``stacked_batches``) of one static shape per class, balanced in molecules, atoms and pairs,
+        and process ``index`` takes its part of each. So every process yields the same number of
+        batches per epoch with the same shapes in the same order, each molecule is seen once per
+        epoch by exactly one process, and the parts of a step together hold exactly the molecules
+        of the unsharded loader's batch at that step. A part of a batch with fewer molecules than
+        parts is all padding (``mol_mask`` all False).
         """
         process_index, process_count = _check_shard(index, count)
         return self._derive(process_index=process_index, process_count=process_count)
@@ -254,21 +255,49 @@ class PackedMemmapLoader:
         return plan
 
     def _steps(self, spec: LayoutSpec, epoch: int, num_devices: int) -> tuple[EpochPlan, np.ndarray, np.ndarray]:
-        """This process's (n_steps, num_devices) batch ids (-1: all padding) and each step's class."""
-        plan = self._plan(spec, epoch)
-        rng = np.random.default_rng([self.seed, epoch, _GROUP_STREAM]) if self.shuffle else None
-        groups = group_batches(plan, self.process_count * num_devices, rng)
-        shape_ids = group_shape_ids(plan, groups) if groups.size else np.zeros(0, dtype=np.int32)
-        lo = self.process_index * num_devices
-        return plan, groups[:, lo : lo + num_devices], shape_ids
+        """The epoch's plan of parts, this process's (n_steps, num_devices) part ids, and each step's class.
 
-    def shapes(self, layout: str | None = None, num_atoms: int | None = None, cutoff: float | None = None) -> list[BatchShape]:
-        """The distinct ``(A, M, P)`` shapes a layout can yield (one for ``padded``, at most 4 for ``packed``)."""
+        One step is one batch of the plan (``batch_size`` molecules, the global batch). With
+        ``G = process_count * num_devices > 1`` every batch is dealt out into ``G`` parts of one
+        static shape (``split_plan``), and this process takes parts ``[index * D, (index + 1) * D)``
+        of each: the job sees the molecules of the one-device step, whatever the device count.
+        """
+        plan = self._plan(spec, epoch)
+        parts = self.process_count * num_devices
+        if parts == 1:
+            return plan, np.arange(plan.n_batches, dtype=np.int64)[:, None], plan.shape_ids
+        by_atoms = spec.layout == "padded" or spec.cutoff is None
+        sizes = self.n_atoms if by_atoms else self._pair_counts[spec.cutoff]  # filled by _plan
+        split = split_plan(plan, parts, sizes, self._part_classes(spec, plan.shapes, parts))
+        ids = np.arange(split.n_batches, dtype=np.int64).reshape(plan.n_batches, parts)
+        lo = self.process_index * num_devices
+        return split, ids[:, lo : lo + num_devices], plan.shape_ids
+
+    def _part_classes(self, spec: LayoutSpec, shapes: tuple[BatchShape, ...], parts: int) -> tuple[BatchShape, ...]:
+        """Shapes of the parts of batches of ``shapes`` dealt ``parts`` ways (``part_shapes``)."""
+        if parts == 1:
+            return shapes
+        by_atoms = spec.layout == "padded" or spec.cutoff is None
+        max_atoms = int(self.n_atoms[self._indices].max(initial=1))
+        max_pairs = int(self._pairs(spec.cutoff).max(initial=0)) if spec.layout == "packed" else 0
+        return part_shapes(shapes, parts, spec.layout, max_atoms, max_pairs, by_atoms)
+
+    def shapes(
+        self, layout: str | None = None, num_atoms: int | None = None, cutoff: float | None = None,
+        num_devices: int = 1,
+    ) -> list[BatchShape]:  # fmt: skip
+        """The distinct ``(A, M, P)`` shapes a layout yields (one for ``padded``, at most 4 for ``packed``).
+
+        These are the shapes of this process's batches: of the parts of each global batch when the
+        loader is sharded or ``num_devices > 1`` (``stacked_batches``: per device).
+        """
         spec = self._spec(layout, num_atoms, cutoff)
         if spec.layout == "padded":
             na, B = spec.num_atoms, self.batch_size
-            return [BatchShape(B * na, B, B * na * (na - 1))]
-        return sorted(self._budgets(spec.cutoff), key=lambda s: (s.P, s.A, s.M))
+            whole = (BatchShape(B * na, B, B * na * (na - 1)),)
+        else:
+            whole = tuple(sorted(self._budgets(spec.cutoff), key=lambda s: (s.P, s.A, s.M)))
+        return list(self._part_classes(spec, whole, self.process_count * int(num_devices)))
 
     def num_batches(
         self,
@@ -341,12 +370,14 @@ class PackedMemmapLoader:
         transfer: Callable[[Batch], Any] | None = None,
         reuse_buffers: bool = False,
     ) -> Iterator[Batch]:
-        """Like ``batches`` but each item holds ``num_devices`` batches of one shape class.
+        """Like ``batches`` but each item is one batch dealt out into ``num_devices`` parts.
 
-        Every array gains a leading axis ``num_devices`` (e.g. ``R`` is ``(D, A, 3)``), ready to be
-        sharded over devices; with ``num_devices=1`` the items are plain batches. Groups are
-        completed with all-padding batches where a class runs out. ``reuse_buffers`` as in
-        ``batches``: an item stays valid until one more item has been drawn.
+        ``batch_size`` stays the global batch: item ``t`` holds exactly the molecules of batch ``t``
+        of ``batches()`` (of this process's share, when sharded), dealt into ``num_devices`` parts of
+        one static shape per class (see ``shard``). Every array gains a leading axis
+        ``num_devices`` (e.g. ``R`` is ``(D, A', 3)``), ready to be sharded over devices; with
+        ``num_devices=1`` the items are plain batches. ``reuse_buffers`` as in ``batches``: an
+        item stays valid until one more item has been drawn.
         """
         if int(num_devices) < 1:
             raise ConfigError(f"num_devices must be >= 1, got {num_devices}")

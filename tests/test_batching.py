@@ -1,8 +1,9 @@
-"""batching: pair templates, greedy fill, level choice, plans, grouping."""
+"""batching: pair templates, greedy fill, level choice, plans, splitting over devices."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from packedqdc.batching import (
     BatchShape,
@@ -10,11 +11,12 @@ from packedqdc.batching import (
     cutoff_pair_counts,
     design_budgets,
     greedy_fill,
-    group_batches,
     packed_plan,
     padded_plan,
     pair_templates,
+    part_shapes,
     ranges,
+    split_plan,
 )
 
 
@@ -74,15 +76,36 @@ def test_padded_plan_only_last_batch_partial():
     assert plan.shapes == (BatchShape(120, 10, 10 * 12 * 11),)
 
 
-def test_group_batches_one_class_per_group():
-    n_atoms = np.random.default_rng(5).integers(3, 30, 800).astype(np.int32)
+@pytest.mark.parametrize("parts", [2, 3, 4, 7])
+@pytest.mark.parametrize("batch_size", [3, 16, 40])
+def test_split_plan_parts_hold_the_batch_and_fit_their_shapes(parts, batch_size):
+    """Every part of every batch fits the bound of part_shapes; the parts of a batch are the batch."""
+    rng = np.random.default_rng(parts * 100 + batch_size)
+    n_atoms = np.clip(np.round(3 + rng.gamma(2.0, 12.0, 3000)), 1, 110).astype(np.int32)
     pairs = n_atoms.astype(np.int64) * (n_atoms - 1)
-    plan = packed_plan(np.arange(800), n_atoms, pairs, design_budgets(n_atoms, pairs, 16, 0), None)
-    groups = group_batches(plan, 3, np.random.default_rng(0))
-    real = groups[groups >= 0]
-    assert sorted(real.tolist()) == list(range(plan.n_batches))
-    for g in groups:
-        assert len({int(plan.shape_ids[b]) for b in g if b >= 0}) == 1
+    plan = packed_plan(np.arange(3000), n_atoms, pairs, design_budgets(n_atoms, pairs, batch_size, 0), rng)
+    classes = part_shapes(plan.shapes, parts, "packed", int(n_atoms.max()), int(pairs.max()), True)
+    split = split_plan(plan, parts, n_atoms, classes)
+    assert split.n_batches == plan.n_batches * parts and split.shapes == classes
+    for b in range(plan.n_batches):
+        whole = plan.mols[plan.bounds[b] : plan.bounds[b + 1]]
+        got = []
+        for j in range(parts):
+            mols = split.mols[split.bounds[b * parts + j] : split.bounds[b * parts + j + 1]]
+            shape = classes[split.shape_ids[b * parts + j]]
+            assert split.shape_ids[b * parts + j] == plan.shape_ids[b]
+            assert n_atoms[mols].sum() + 1 <= shape.A and mols.size + 1 <= shape.M and pairs[mols].sum() <= shape.P
+            got.extend(mols.tolist())
+        assert sorted(got) == sorted(whole.tolist())
+
+
+def test_part_shapes_bound_is_tight_for_one_big_molecule():
+    """The worst case the bound covers: one part gets the largest molecule and an equal share of the rest."""
+    (shape,) = part_shapes((BatchShape(101, 11, 4000),), 2, "packed", 40, 1560, True)
+    assert shape == BatchShape(1 + (100 + 40) // 2, 6, (4000 + 1560) // 2)
+    (capped,) = part_shapes((BatchShape(101, 11, 1000),), 2, "packed", 90, 8010, False)
+    assert capped == BatchShape(101, 6, 1000)  # never more than the whole batch
+    assert part_shapes((BatchShape(120, 10, 1320),), 3, "padded", 12, 132, True) == (BatchShape(48, 4, 528),)
 
 
 def test_cutoff_pair_counts_match_brute_force(tmp_path):

@@ -188,26 +188,44 @@ def test_manual_split_like_seed(data):
         part.N = 7
 
 
-@pytest.mark.parametrize("kw", [dict(num_atoms=14), dict(layout="packed")])
-def test_shards_disjoint_equal_counts_same_shapes(data, kw):
-    loader = PackedMemmapLoader(data, 8, seed=2)
-    shards = [loader.shard(k, 3) for k in range(3)]
+SPLIT_LAYOUTS = [dict(num_atoms=14), dict(layout="packed"), dict(layout="packed", cutoff=2.5)]
+
+
+def _real_ids(batch):
+    return sorted(np.asarray(batch["mol_idx"])[np.asarray(batch["mol_mask"])].tolist())
+
+
+@pytest.mark.parametrize("kw", SPLIT_LAYOUTS)
+def test_shards_split_each_global_batch(data, kw):
+    """Shard k of n holds part k of every batch of the unsharded loader: disjoint, same counts and shapes."""
+    whole = [_real_ids(b) for b in PackedMemmapLoader(data, 8, seed=2).batches(**kw)]
+    shards = [PackedMemmapLoader(data, 8, seed=2).shard(k, 3) for k in range(3)]
     runs = [list(s.batches(**kw)) for s in shards]
-    assert len({len(r) for r in runs}) == 1
-    assert len(runs[0]) == shards[0].num_batches(**kw, epoch=0)
-    for step in zip(*runs):
-        assert len({b["Z"].shape + b["dst_idx"].shape for b in step}) == 1
-    ids = [i for r in runs for b in r for i in b["mol_idx"][b["mol_mask"]].tolist()]
-    assert sorted(ids) == list(range(300))
+    assert {len(r) for r in runs} == {len(whole)} == {shards[0].num_batches(**kw, epoch=0)}
+    for step, want in zip(zip(*runs), whole):
+        assert len({b["Z"].shape + b["E"].shape + b["dst_idx"].shape for b in step}) == 1
+        assert {b["Z"].shape[0] for b in step} <= {s.A for s in shards[0].shapes(**kw)}
+        assert sorted(i for b in step for i in _real_ids(b)) == want
 
 
-def test_stacked_batches(data):
+@pytest.mark.parametrize("kw", SPLIT_LAYOUTS)
+@pytest.mark.parametrize("devices", [2, 3])
+def test_stacked_batches_deal_out_the_one_device_batch(data, kw, devices):
+    """Item t of stacked_batches(D) holds the molecules of batch t of batches(), in D parts of one shape."""
+    whole = [_real_ids(b) for b in PackedMemmapLoader(data, 8, seed=2).batches(**kw)]
     loader = PackedMemmapLoader(data, 8, seed=2)
-    ids = []
-    for g in loader.stacked_batches(num_devices=2, layout="packed"):
-        assert g["R"].shape[0] == 2 and g["R"].shape[2] == 3 and g["dst_idx"].shape[0] == 2
-        ids.extend(g["mol_idx"][g["mol_mask"]].tolist())
-    assert sorted(ids) == list(range(300))
+    items = list(loader.stacked_batches(num_devices=devices, **kw))
+    assert len(items) == len(whole) == loader.num_batches(**kw, num_devices=devices, epoch=0)
+    shapes = {(s.A, s.M, s.P) for s in loader.shapes(**kw, num_devices=devices)}
+    for g, want in zip(items, whole):
+        assert g["R"].shape[0] == devices and g["R"].shape[2] == 3 and g["dst_idx"].shape[0] == devices
+        assert (g["Z"].shape[1], g["E"].shape[1], g["dst_idx"].shape[1]) in shapes
+        assert _real_ids(g) == want
+        for d in range(devices):  # every part is a valid batch on its own
+            seg, mask = g["batch_segments"][d], g["atom_mask"][d]
+            assert np.array_equal(np.bincount(seg[mask], minlength=g["N"].shape[1]), g["N"][d])
+            pm = g["pair_mask"][d]
+            assert np.array_equal(seg[g["dst_idx"][d][pm]], seg[g["src_idx"][d][pm]])
 
 
 @pytest.mark.parametrize("prefetch", [0, 3])

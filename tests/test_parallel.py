@@ -84,13 +84,13 @@ def _flat_params(state) -> list[float]:
 
 
 def _run_mesh(out: str, data: str) -> None:
-    """The same 4-sub-batch global batches through a 4-device and a 1-device placement."""
+    """A 4-device run over stacked_batches(4) and a 1-device run over batches(): same loader settings."""
     from packedqdc.parallel import make_placement
 
-    loader, reference, model, cfg, train_step = _training(data)
-    batches = _global_batches(loader, reference, devices=4, steps=3)
     result = {}
     for n in (4, 1):
+        loader, reference, model, cfg, train_step = _training(data)
+        batches = _global_batches(loader, reference, devices=n, steps=3)
         placement = make_placement(n)
         step = placement.jit(train_step)
         state = placement.replicate(_initial_state(model, cfg, batches[0][0]))
@@ -99,7 +99,7 @@ def _run_mesh(out: str, data: str) -> None:
             state, sums = step(state, placement.put_batch(batch))
             losses.append(float(sums["loss"]))
         assert state.params is not None and placement.num_devices == n
-        result[n] = {"losses": losses, "params": _flat_params(state)}
+        result[n] = {"losses": losses, "params": _flat_params(state), "seen": [sorted(m) for _, m in batches]}
     Path(out).write_text(json.dumps(result))
 
 
@@ -130,10 +130,10 @@ def _run_distributed(out: str, data: str, port: int, process_id: int) -> None:
     batches = _global_batches(loader, reference, devices=1)
     step = placement.jit(train_step)
     state = placement.replicate(_initial_state(model, cfg, batches[0][0]))
-    seen: list[int] = []
+    seen: list[list[int]] = []
     losses = []
     for batch, mols in batches:
-        seen += mols
+        seen.append(mols)
         state, sums = step(state, placement.put_batch(batch))
         losses.append(float(sums["loss"]))
     restored = _checkpoint_round_trip(placement, state, Path(out).parent / "run")
@@ -176,6 +176,7 @@ def test_four_devices_match_one_device(tmp_path: Path, sample: str) -> None:
                           capture_output=True, text=True, timeout=TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
+    assert result["4"]["seen"] == result["1"]["seen"]  # each step: the same molecules, dealt over 4 devices
     np.testing.assert_allclose(result["4"]["losses"], result["1"]["losses"], rtol=1e-5)
     np.testing.assert_allclose(result["4"]["params"], result["1"]["params"], rtol=1e-4, atol=1e-5)
 
@@ -193,8 +194,14 @@ def test_two_processes_train_together(tmp_path: Path, sample: str) -> None:
             p.kill()
     assert all(p.returncode == 0 for p in procs), "\n".join(e[-2000:] for e in errs)
     r0, r1 = (json.loads(o.read_text()) for o in outs)
-    assert set(r0["seen"]).isdisjoint(r1["seen"])
-    assert sorted(r0["seen"] + r1["seen"]) == list(range(SUBSET))
+    from packedqdc.loader import PackedMemmapLoader
+
+    single = PackedMemmapLoader(sample, batch_size=8, seed=3, budgets=[BUDGET], prefetch=0)
+    single.indices = np.arange(SUBSET)
+    whole = [sorted(np.asarray(b["mol_idx"])[b["mol_mask"]].tolist()) for b in single.batches(layout="packed")]
+    assert len(r0["seen"]) == len(r1["seen"]) == len(whole)
+    for a, b, want in zip(r0["seen"], r1["seen"], whole):  # each step: halves of the one-process batch
+        assert set(a).isdisjoint(b) and sorted(a + b) == want
     assert len(r0["losses"]) == len(r1["losses"]) >= 4
     assert r0["losses"] == r1["losses"]
     assert r0["params"] == r1["params"]
@@ -254,14 +261,28 @@ def test_cli_parallel_flag_errors(args: list[str], match: str, tmp_path: Path, m
     assert re.search(match, " ".join(result.output.split()))
 
 
-def test_batch_size_is_global_and_must_divide_among_devices(tmp_path: Path, sample: str) -> None:
-    cmd = [sys.executable, "-m", "packedqdc", "train", "--data-path", sample, "--runs-dir", str(tmp_path),
-           "--name", "x", "--devices", "2", "--batch-size", "15"]
-    proc = subprocess.run(cmd, env=_env(2), capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    message = " ".join(proc.stderr.split())
-    assert "--batch-size 15 is the global batch and must be a multiple of the 2 devices" in message
-    assert "Traceback" not in proc.stderr
+def test_cli_two_devices_follow_the_one_device_run(tmp_path: Path, sample: str) -> None:
+    """`packedqdc train --devices 2` reproduces the 1-device run's metrics (a global batch of 15: odd on purpose)."""
+    common = [sys.executable, "-m", "packedqdc", "train", "--data-path", sample, "--runs-dir", str(tmp_path),
+              "--features", "16", "--num-iterations", "1", "--num-basis", "8", "--batch-size", "15",
+              "--learning-rate", "3e-3", "--num-epochs", "2", "--seed", "1"]
+    procs = {d: subprocess.Popen([*common, "--name", f"d{d}", "--devices", str(d)], env=_env(2),
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for d in (1, 2)}
+    try:
+        errs = {d: p.communicate(timeout=TIMEOUT_S * 2)[1] for d, p in procs.items()}
+    finally:
+        for p in procs.values():
+            p.kill()
+    assert all(p.returncode == 0 for p in procs.values()), "\n".join(e[-2000:] for e in errs.values())
+    rows = {}
+    for d in (1, 2):
+        header, *lines = (tmp_path / f"d{d}" / "metrics.csv").read_text().splitlines()
+        rows[d] = [dict(zip(header.split(","), line.split(","))) for line in lines]
+    assert len(rows[1]) == len(rows[2]) == 2
+    for one, two in zip(rows[1], rows[2]):
+        assert one["step"] == two["step"]
+        for key in ("train_loss", "valid_loss", "valid_energy_mae", "valid_forces_mae", "valid_forces_rmse"):
+            np.testing.assert_allclose(float(two[key]), float(one[key]), rtol=2e-4, err_msg=key)
 
 
 if __name__ == "__main__":

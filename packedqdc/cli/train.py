@@ -36,7 +36,7 @@ def train(
     name: Optional[str] = _opt(None, "name", "Run name: outputs go to RUNS_DIR/NAME \\[default: physnet-DATE-TIME]."),
     runs_dir: Path = _opt(Path("runs"), "runs-dir", "Directory of runs."),
     resume: bool = _opt(False, "resume", "Continue RUNS_DIR/NAME from its latest checkpoint (its saved options apply; --num-epochs and --max-time may change)."),
-    batch_size: int = _opt(_default("batch_size"), "batch-size", "Molecules per step over all devices (packed layout: on average)."),
+    batch_size: int = _opt(_default("batch_size"), "batch-size", "Molecules per step over all devices, the global batch (packed layout: on average)."),
     num_epochs: Optional[int] = _opt(None, "num-epochs", f"Epochs to train in all \\[default: {_default('num_epochs')}]."),
     learning_rate: float = _opt(_default("learning_rate"), "learning-rate", "Initial learning rate (AMSGrad)."),
     num_atoms: int = _opt(_default("num_atoms"), "num-atoms", "Padded layout: atom slots per molecule (largest molecule allowed)."),

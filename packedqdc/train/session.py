@@ -53,19 +53,16 @@ def model_for(cfg: TrainConfig, reference: ReferenceEnergies, electrostatics: bo
                    energy_shift_init=reference.per_atom_mean, natoms=cfg.num_atoms)
 
 
-def _loaders(cfg: TrainConfig, placement: Placement) -> tuple[PackedMemmapLoader, PackedMemmapLoader]:
+def _loaders(cfg: TrainConfig) -> tuple[PackedMemmapLoader, PackedMemmapLoader]:
     """(train, valid) loaders of this process's shard (the whole split on one process).
 
-    ``cfg.batch_size`` is the global batch: molecules per step over all devices of the job, so a run
-    on D devices takes the same number of steps per epoch, with the same number of molecules in each,
-    as a run on one. Each device gets ``batch_size / D`` molecules.
+    ``cfg.batch_size`` is the global batch: the loaders plan batches of ``batch_size`` molecules
+    exactly as on one device, and every step's batch is dealt out over the job's devices (about
+    ``batch_size / D`` molecules each; ``PackedMemmapLoader.shard``). A run on D devices therefore
+    sees the molecules of the one-device run in every step, and follows its trajectory up to float
+    rounding.
     """
-    devices = placement.num_devices
-    if cfg.batch_size % devices:
-        raise ConfigError(
-            f"--batch-size {cfg.batch_size} is the global batch and must be a multiple of the {devices} devices"
-        )
-    loaders = split(cfg.data_path, cfg.batch_size // devices, cfg.bucket_size, cfg.seed, cfg.valid_fraction)
+    loaders = split(cfg.data_path, cfg.batch_size, cfg.bucket_size, cfg.seed, cfg.valid_fraction)
     return tuple(loader.shard(jax.process_index(), jax.process_count()) for loader in loaders)
 
 
@@ -116,7 +113,7 @@ def start_run(cfg: TrainConfig, placement: Placement | None = None) -> Trainer:
     if not data_path.exists():
         raise ConfigError(f"{data_path}: --data-path does not exist")
     cfg = cfg.replace(data_path=str(data_path))
-    loaders = _loaders(cfg, placement)
+    loaders = _loaders(cfg)
     ds, train_idx = loaders[0].dataset, loaders[0].indices
     reference = fit_reference_energies(ds, train_idx)
     charged = ds.Qtot is not None and bool((np.asarray(ds.Qtot)[train_idx] != 0).any())
@@ -147,7 +144,7 @@ def resume_run(run_dir: str | Path, *, num_epochs: int | None = None, max_time: 
     cfg = cfg.replace(num_epochs=cfg.num_epochs if num_epochs is None else num_epochs, max_time=max_time)
     reference = ReferenceEnergies.from_dict(meta["reference"])
     model = build_model(meta["model"])
-    streams = _streams(cfg, _loaders(cfg, placement), reference, placement.num_local_devices)
+    streams = _streams(cfg, _loaders(cfg), reference, placement.num_local_devices)
     template = placement.replicate(initial_state(cfg, model, streams[0]))
     state, meta = checkpoints.restore("latest", template)
     streams[0].restore(meta["loader"])
