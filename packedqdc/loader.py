@@ -266,8 +266,7 @@ class PackedMemmapLoader:
         parts = self.process_count * num_devices
         if parts == 1:
             return plan, np.arange(plan.n_batches, dtype=np.int64)[:, None], plan.shape_ids
-        by_atoms = spec.layout == "padded" or spec.cutoff is None
-        sizes = self.n_atoms if by_atoms else self._pair_counts[spec.cutoff]  # filled by _plan
+        sizes = self.n_atoms if _deal_by_atoms(spec) else self._pair_counts[spec.cutoff]  # filled by _plan
         split = split_plan(plan, parts, sizes, self._part_classes(spec, plan.shapes, parts))
         ids = np.arange(split.n_batches, dtype=np.int64).reshape(plan.n_batches, parts)
         lo = self.process_index * num_devices
@@ -277,10 +276,9 @@ class PackedMemmapLoader:
         """Shapes of the parts of batches of ``shapes`` dealt ``parts`` ways (``part_shapes``)."""
         if parts == 1:
             return shapes
-        by_atoms = spec.layout == "padded" or spec.cutoff is None
         max_atoms = int(self.n_atoms[self._indices].max(initial=1))
         max_pairs = int(self._pairs(spec.cutoff).max(initial=0)) if spec.layout == "packed" else 0
-        return part_shapes(shapes, parts, spec.layout, max_atoms, max_pairs, by_atoms)
+        return part_shapes(shapes, parts, spec.layout, max_atoms, max_pairs, _deal_by_atoms(spec))
 
     def shapes(
         self, layout: str | None = None, num_atoms: int | None = None, cutoff: float | None = None,
@@ -420,6 +418,11 @@ class PackedMemmapLoader:
         finally:
             items.close()  # type: ignore[attr-defined]
         self.epoch, self.position = epoch + 1, 0
+
+
+def _deal_by_atoms(spec: LayoutSpec) -> bool:
+    """Batches are dealt over devices by atom count, except packed cutoff pair lists (by pairs)."""
+    return spec.layout == "padded" or spec.cutoff is None
 
 
 def _seed_format(batch: Batch) -> Batch:
