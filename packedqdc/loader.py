@@ -105,6 +105,7 @@ class PackedMemmapLoader:
         self._pair_counts: dict[float, np.ndarray] = {}  # dataset-wide, per cutoff; shared by derived loaders
         self._budget_cache: dict[float | None, list[BatchShape]] = {}
         self._plan_cache: tuple[Any, EpochPlan] | None = None
+        self._split_cache: tuple[EpochPlan, int, EpochPlan] | None = None  # (plan, parts, its split)
 
     # ---- the seed's attributes -------------------------------------------------------------
 
@@ -266,8 +267,13 @@ class PackedMemmapLoader:
         parts = self.process_count * num_devices
         if parts == 1:
             return plan, np.arange(plan.n_batches, dtype=np.int64)[:, None], plan.shape_ids
-        sizes = self.n_atoms if _deal_by_atoms(spec) else self._pair_counts[spec.cutoff]  # filled by _plan
-        split = split_plan(plan, parts, sizes, self._part_classes(spec, plan.shapes, parts))
+        cached = self._split_cache
+        if cached is not None and cached[0] is plan and cached[1] == parts:
+            split = cached[2]
+        else:  # num_batches() and the iterator of an epoch share one split, as they share the plan
+            sizes = self.n_atoms if _deal_by_atoms(spec) else self._pair_counts[spec.cutoff]  # filled by _plan
+            split = split_plan(plan, parts, sizes, self._part_classes(spec, plan.shapes, parts))
+            self._split_cache = (plan, parts, split)
         ids = np.arange(split.n_batches, dtype=np.int64).reshape(plan.n_batches, parts)
         lo = self.process_index * num_devices
         return split, ids[:, lo : lo + num_devices], plan.shape_ids
