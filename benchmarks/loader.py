@@ -9,7 +9,8 @@ and loaders interleaved, and the median rate is reported (the machine may be sha
 
 Loader rows: ``reuse`` is ``reuse_buffers=True`` (a ring of output buffers; how training runs),
 ``fresh`` gives every batch new arrays (the default); ``pf`` is the prefetch depth (0: assembled
-in the consumer's thread, 2: in a background thread); ``D=2`` is ``stacked_batches(2)``: every
+in the consumer's thread, 2: in a background thread); ``w=2`` assembles in two threads (batches
+``0, 2, 4, ...`` and ``1, 3, 5, ...``, still delivered in order); ``D=2`` is ``stacked_batches(2)``: every
 batch dealt out over two devices (the same molecules per step, part shapes that fit any batch). The consumer does the same little work for
 every row: count molecules, real atoms and real pairs, and note the shape. ``RSS anon`` is the
 process's anonymous resident memory before and after the packed epochs (file-backed memmap pages
@@ -33,12 +34,13 @@ from packedqdc.batching import pair_templates
 from packedqdc.format import MoleculeChunk, PackedWriter, open_packed
 from packedqdc.loader import PackedMemmapLoader
 
-LOADER_ROWS = (  # label, layout, reuse_buffers, prefetch, devices
-    ("padded reuse pf=0", "padded", True, 0, 1),
-    ("packed reuse pf=0", "packed", True, 0, 1),
-    ("packed reuse pf=2", "packed", True, 2, 1),
-    ("packed fresh pf=2", "packed", False, 2, 1),
-    ("packed reuse pf=2 D=2", "packed", True, 2, 2),
+LOADER_ROWS = (  # label, layout, reuse_buffers, prefetch, devices, workers
+    ("padded reuse pf=0", "padded", True, 0, 1, 1),
+    ("packed reuse pf=0", "packed", True, 0, 1, 1),
+    ("packed reuse pf=2", "packed", True, 2, 1, 1),
+    ("packed reuse pf=2 w=2", "packed", True, 2, 1, 2),
+    ("packed fresh pf=2", "packed", False, 2, 1, 1),
+    ("packed reuse pf=2 D=2", "packed", True, 2, 2, 1),
 )
 
 
@@ -109,12 +111,13 @@ def run_epoch(batches) -> tuple[float, int, int, int, int, int, set]:
     return time.perf_counter() - t, mols, atoms, aslots, pairs, pslots, shapes
 
 
-def epoch_of(loader: PackedMemmapLoader, layout: str, num_atoms: int, reuse: bool, pf: int, devices: int):
+def epoch_of(loader: PackedMemmapLoader, layout: str, num_atoms: int, reuse: bool, pf: int, devices: int, workers: int):
     """One epoch of a loader row: ``batches`` (devices 1) or ``stacked_batches(devices)``."""
     kw = {"layout": "packed"} if layout == "packed" else {"num_atoms": num_atoms}
+    kw.update(reuse_buffers=reuse, prefetch=pf, workers=workers)
     if devices == 1:
-        return loader.batches(**kw, reuse_buffers=reuse, prefetch=pf)
-    return loader.stacked_batches(devices, **kw, reuse_buffers=reuse, prefetch=pf)
+        return loader.batches(**kw)
+    return loader.stacked_batches(devices, **kw)
 
 
 def rss_mb() -> tuple[float, float]:
@@ -130,22 +133,22 @@ def bench_dataset(path: Path, n: int, num_atoms: int, args: argparse.Namespace) 
     t = time.perf_counter()
     first = next(iter(loader.batches(layout="packed", reuse_buffers=True)))
     first_ms = (time.perf_counter() - t) * 1e3
-    for _, layout, reuse, pf, devices in LOADER_ROWS:  # warm page cache, budgets, kernels and buffers
-        run_epoch(epoch_of(loader, layout, num_atoms, reuse, pf, devices))
+    for _, layout, *row in LOADER_ROWS:  # warm page cache, budgets, kernels and buffers
+        run_epoch(epoch_of(loader, layout, num_atoms, *row))
     limit = min(args.loop_molecules, n)
     loop_rates, rates, stats = [], {row[0]: [] for row in LOADER_ROWS}, {}
     rss1 = rss_mb()
     for _ in range(args.repeats):
         dt, *_ = run_epoch(seed_loop(path, args.batch_size, num_atoms, limit))
         loop_rates.append(limit / dt)
-        for label, layout, reuse, pf, devices in LOADER_ROWS:
-            dt, mols, atoms, aslots, pairs, pslots, shapes = run_epoch(epoch_of(loader, layout, num_atoms, reuse, pf, devices))
+        for label, layout, *row in LOADER_ROWS:
+            dt, mols, atoms, aslots, pairs, pslots, shapes = run_epoch(epoch_of(loader, layout, num_atoms, *row))
             rates[label].append(mols / dt)
             stats[label] = (atoms / aslots, pairs / pslots, len(shapes))
     rss2 = rss_mb()
     loop = statistics.median(loop_rates)
     rows = [("per-molecule loop (seed)", f"num_atoms={num_atoms}", loop, None, None, 1, 1.0)]
-    for label, layout, _, _, _ in LOADER_ROWS:
+    for label, layout, *_ in LOADER_ROWS:
         rate = statistics.median(rates[label])
         setting = "auto budgets" if layout == "packed" else f"num_atoms={num_atoms}"
         rows.append((label, setting, rate, *stats[label], rate / loop))

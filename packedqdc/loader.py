@@ -52,7 +52,9 @@ class PackedMemmapLoader:
             buckets of this many (the seed's bucketing); batches are then shuffled.
         seed: seed of every shuffle.
         budgets: fixed ``(A, M, P)`` classes for the ``packed`` layout instead of automatic ones.
-        prefetch: batches assembled ahead in a background thread; 0 assembles in the caller.
+        prefetch: batches assembled ahead in background threads; 0 assembles in the caller.
+        workers: threads assembling batches when ``prefetch`` > 0 (the kernels release the GIL);
+            worker ``w`` builds batches ``w, w + workers, ...`` and the order is unchanged.
         process_index, process_count: this process's shard (see ``shard``).
 
     Attributes:
@@ -76,6 +78,7 @@ class PackedMemmapLoader:
         *,
         budgets: list[tuple[int, int, int]] | None = None,
         prefetch: int = 2,
+        workers: int = 1,
         process_index: int = 0,
         process_count: int = 1,
     ) -> None:
@@ -85,6 +88,8 @@ class PackedMemmapLoader:
             raise ConfigError(f"bucket_size must be >= 1, got {bucket_size}")
         if int(prefetch) < 0:
             raise ConfigError(f"prefetch must be >= 0, got {prefetch}")
+        if int(workers) < 1:
+            raise ConfigError(f"workers must be >= 1, got {workers}")
         self.path = Path(path)
         self.dataset = open_packed(path)
         self.n_atoms = np.array(self.dataset.n_atoms, dtype=np.int32)
@@ -95,6 +100,7 @@ class PackedMemmapLoader:
         self.bucket_size = int(bucket_size)
         self.seed = int(seed)
         self.prefetch = int(prefetch)
+        self.workers = int(workers)
         self.budgets = None if budgets is None else [BatchShape(*(int(x) for x in b)) for b in budgets]
         self.process_index, self.process_count = _check_shard(process_index, process_count)
         self.has_forces = self.dataset.F is not None
@@ -333,6 +339,7 @@ class PackedMemmapLoader:
         prefetch: int | None = None,
         transfer: Callable[[Batch], Any] | None = None,
         reuse_buffers: bool = False,
+        workers: int | None = None,
     ) -> Iterator[Batch]:
         """Iterate over the rest of the current epoch (all of it from a fresh loader), then advance.
 
@@ -345,7 +352,7 @@ class PackedMemmapLoader:
             layout: ``"padded"`` (default; the seed's meaning of ``batches(num_atoms=60)``) or
                 ``"packed"`` (budget classes; ``num_atoms`` must be None).
             cutoff: keep only pairs closer than this (Å); None: all ordered pairs of each molecule.
-            prefetch: batches assembled ahead in a background thread (default: the loader's).
+            prefetch: batches assembled ahead in background threads (default: the loader's).
             transfer: applied to each batch in the background thread, e.g. ``jax.device_put``.
             reuse_buffers: False (default): every batch has its own arrays, safe to keep. True:
                 batches are read-only views of a small ring of buffers per shape class
@@ -353,6 +360,8 @@ class PackedMemmapLoader:
                 one more batch has been drawn (until the next ``next()``); copy what you keep
                 longer. Much faster: no page faults on fresh memory, and only the padding that
                 the previous content dirtied is rewritten.
+            workers: assembly threads when ``prefetch`` > 0 (default: the loader's); each has its
+                own buffers, and batches still come in order.
 
         Raises:
             ConfigError: at the call, before any batch, e.g. a molecule larger than ``num_atoms``.
@@ -361,7 +370,7 @@ class PackedMemmapLoader:
         if not physnet_format and spec.layout != "padded":
             raise ConfigError("physnet_format=False needs layout='padded'")
         convert = None if physnet_format else _seed_format
-        return self._iterate(spec, 1, convert, prefetch, transfer, reuse_buffers)
+        return self._iterate(spec, 1, convert, prefetch, transfer, reuse_buffers, workers)
 
     def stacked_batches(
         self,
@@ -373,6 +382,7 @@ class PackedMemmapLoader:
         prefetch: int | None = None,
         transfer: Callable[[Batch], Any] | None = None,
         reuse_buffers: bool = False,
+        workers: int | None = None,
     ) -> Iterator[Batch]:
         """Like ``batches`` but each item is one batch dealt out into ``num_devices`` parts.
 
@@ -380,13 +390,13 @@ class PackedMemmapLoader:
         of ``batches()`` (of this process's share, when sharded), dealt into ``num_devices`` parts of
         one static shape per class (see ``shard``). Every array gains a leading axis
         ``num_devices`` (e.g. ``R`` is ``(D, A', 3)``), ready to be sharded over devices; with
-        ``num_devices=1`` the items are plain batches. ``reuse_buffers`` as in ``batches``: an
-        item stays valid until one more item has been drawn.
+        ``num_devices=1`` the items are plain batches. ``reuse_buffers``, ``prefetch`` and
+        ``workers`` as in ``batches``: a reused item stays valid until one more has been drawn.
         """
         if int(num_devices) < 1:
             raise ConfigError(f"num_devices must be >= 1, got {num_devices}")
         spec = self._spec(layout, num_atoms, cutoff)
-        return self._iterate(spec, int(num_devices), None, prefetch, transfer, reuse_buffers)
+        return self._iterate(spec, int(num_devices), None, prefetch, transfer, reuse_buffers, workers)
 
     def _iterate(
         self,
@@ -396,25 +406,28 @@ class PackedMemmapLoader:
         prefetch: int | None,
         transfer: Callable[[Batch], Any] | None,
         reuse_buffers: bool,
+        workers: int | None = None,
     ) -> Iterator[Batch]:
         epoch, start = self.epoch, self.position
         plan, steps, shape_ids = self._steps(spec, epoch, num_devices)
         depth = max(self.prefetch if prefetch is None else int(prefetch), 0)
-        # the queue holds `depth` items, the consumer one, and VALID_DRAWS more stay untouched
-        ring = depth + 1 + VALID_DRAWS if reuse_buffers else 0
-        assembler = Assembler(
-            self.dataset, self._offsets, spec, plan.shapes, int(self.n_atoms.max(initial=1)), num_devices, ring
-        )
+        n_workers = max(self.workers if workers is None else int(workers), 1) if depth else 1
+        per_worker = -(-depth // n_workers)
+        # per worker: its queue holds `per_worker` items, the consumer one, and VALID_DRAWS more stay untouched
+        ring = per_worker + 1 + VALID_DRAWS if reuse_buffers else 0
         real = steps >= 0
         first = np.where(real, plan.bounds[np.maximum(steps, 0)], 0)
         last = np.where(real, plan.bounds[np.maximum(steps, 0) + 1], 0)
+        max_atoms = int(self.n_atoms.max(initial=1))
 
-        def produce() -> Iterator[Batch]:
-            for step in range(start, steps.shape[0]):
+        def produce(worker: int) -> Iterator[Batch]:
+            assembler = Assembler(self.dataset, self._offsets, spec, plan.shapes, max_atoms, num_devices, ring)
+            for step in range(start + worker, steps.shape[0], n_workers):
                 item = assembler.assemble(plan.mols, first[step], last[step], int(shape_ids[step]))
                 yield item if convert is None else convert(item)
 
-        return self._track(epoch, prefetched(produce(), depth, transfer))
+        sources = [produce(w) for w in range(n_workers)]
+        return self._track(epoch, prefetched(sources, per_worker, transfer))
 
     def _track(self, epoch: int, items: Iterator[Batch]) -> Iterator[Batch]:
         try:
@@ -474,32 +487,40 @@ class _Failure:
 _DONE = object()
 
 
-def prefetched(items: Iterator[Any], depth: int, transfer: Callable[[Any], Any] | None = None) -> Iterator[Any]:
-    """Run ``items`` (and ``transfer`` on each) in a background thread, ``depth`` items ahead.
+def prefetched(
+    items: Iterator[Any] | list[Iterator[Any]], depth: int, transfer: Callable[[Any], Any] | None = None
+) -> Iterator[Any]:
+    """Run ``items`` (and ``transfer`` on each) in background threads, ``depth`` items ahead each.
 
-    Memory stays bounded by ``depth`` items plus the one being built. An exception in the thread is
-    re-raised in the consumer. Closing the returned generator (or dropping it) stops the thread.
-    ``depth`` 0 runs everything in the caller's thread.
+    ``items`` is one iterator, or a list of ``W`` iterators that each run in a thread of their own
+    and are interleaved round robin: item ``t`` comes from iterator ``t % W`` (the first one that
+    ends ends the stream). Memory stays bounded by ``depth`` items per thread plus the ones being
+    built. An exception in a thread is re-raised in the consumer at its place in the order. Closing
+    the returned generator (or dropping it) stops the threads. ``depth`` 0 runs everything in the
+    caller's thread (one iterator only).
     """
+    sources = items if isinstance(items, list) else [items]
     if depth <= 0:
-        return (item if transfer is None else transfer(item) for item in items)
-    return _threaded(items, depth, transfer)
+        if len(sources) != 1:
+            raise ValueError("prefetch depth 0 runs in the caller's thread: pass one iterator")
+        return (item if transfer is None else transfer(item) for item in sources[0])
+    return _threaded(sources, depth, transfer)
 
 
-def _threaded(items: Iterator[Any], depth: int, transfer: Callable[[Any], Any] | None) -> Iterator[Any]:
-    q: queue.Queue[Any] = queue.Queue(maxsize=depth)
+def _threaded(sources: list[Iterator[Any]], depth: int, transfer: Callable[[Any], Any] | None) -> Iterator[Any]:
+    queues: list[queue.Queue[Any]] = [queue.Queue(maxsize=depth) for _ in sources]
     stop = threading.Event()
 
-    def put(obj: Any) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(obj, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
+    def work(items: Iterator[Any], q: queue.Queue[Any]) -> None:
+        def put(obj: Any) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(obj, timeout=0.05)
+                    return True
+                except queue.Full:
+                    continue
+            return False
 
-    def work() -> None:
         try:
             for item in items:
                 if not put(item if transfer is None else transfer(item)):
@@ -508,19 +529,26 @@ def _threaded(items: Iterator[Any], depth: int, transfer: Callable[[Any], Any] |
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
             put(_Failure(exc))
 
-    thread = threading.Thread(target=work, name="packedqdc-prefetch", daemon=True)
-    thread.start()
+    threads = [
+        threading.Thread(target=work, args=(items, q), name=f"packedqdc-prefetch-{w}", daemon=True)
+        for w, (items, q) in enumerate(zip(sources, queues))
+    ]
+    for thread in threads:
+        thread.start()
     try:
+        turn = 0
         while True:
-            obj = q.get()
+            obj = queues[turn].get()
             if obj is _DONE:
                 return
             if isinstance(obj, _Failure):
                 raise obj.exc
             yield obj
+            turn = (turn + 1) % len(queues)
     finally:
         stop.set()
-        thread.join()
+        for thread in threads:
+            thread.join()
 
 
 def split_loader(

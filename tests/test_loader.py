@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -108,15 +109,16 @@ def _copy(batch):
     return {key: np.array(value) for key, value in batch.items()}
 
 
-@pytest.mark.parametrize("prefetch", [0, 3])
+@pytest.mark.parametrize(("prefetch", "workers"), [(0, 1), (3, 1), (2, 3)])
 @pytest.mark.parametrize("kw", LAYOUTS + [dict(num_devices=2, layout="packed"), dict(num_devices=3, num_atoms=14)])
-def test_reused_buffers_equal_fresh_batches(data, kw, prefetch):
-    """Over several epochs (buffers reused across shapes and epochs), a batch copied on arrival equals the fresh one."""
+def test_reused_buffers_equal_fresh_batches(data, kw, prefetch, workers):
+    """Over several epochs (buffers reused across shapes and epochs), a batch copied on arrival equals the
+    fresh one of a loader that assembles in the caller's thread."""
     kw = dict(kw)
     devices = kw.pop("num_devices", None)
     runs = []
-    for reuse in (False, True):
-        loader = PackedMemmapLoader(data, batch_size=8, seed=4, prefetch=prefetch)
+    for reuse, pf, w in ((False, 0, 1), (True, prefetch, workers)):
+        loader = PackedMemmapLoader(data, batch_size=8, seed=4, prefetch=pf, workers=w)
         if devices is None:
             epochs = [[_copy(b) for b in loader.batches(**kw, reuse_buffers=reuse)] for _ in range(3)]
         else:
@@ -130,9 +132,9 @@ def test_reused_buffers_equal_fresh_batches(data, kw, prefetch):
             np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
-@pytest.mark.parametrize("prefetch", [0, 2])
-def test_reused_batch_valid_until_next_draw_and_read_only(data, prefetch):
-    loader = PackedMemmapLoader(data, batch_size=8, seed=1, prefetch=prefetch)
+@pytest.mark.parametrize(("prefetch", "workers"), [(0, 1), (2, 1), (2, 2), (1, 3)])
+def test_reused_batch_valid_until_next_draw_and_read_only(data, prefetch, workers):
+    loader = PackedMemmapLoader(data, batch_size=8, seed=1, prefetch=prefetch, workers=workers)
     expected = [_copy(b) for b in PackedMemmapLoader(data, batch_size=8, seed=1).batches(layout="packed")]
     it = loader.batches(layout="packed", reuse_buffers=True)
     held = next(it)
@@ -228,12 +230,12 @@ def test_stacked_batches_deal_out_the_one_device_batch(data, kw, devices):
             assert np.array_equal(seg[g["dst_idx"][d][pm]], seg[g["src_idx"][d][pm]])
 
 
-@pytest.mark.parametrize("prefetch", [0, 3])
-def test_resume_gives_same_batches(data, prefetch):
-    ref = PackedMemmapLoader(data, 8, seed=9, prefetch=prefetch)
+@pytest.mark.parametrize(("prefetch", "workers"), [(0, 1), (3, 1), (3, 2)])
+def test_resume_gives_same_batches(data, prefetch, workers):
+    ref = PackedMemmapLoader(data, 8, seed=9, prefetch=0)
     list(ref.batches(layout="packed"))
     expected = [b["mol_idx"].copy() for b in ref.batches(layout="packed")]
-    run = PackedMemmapLoader(data, 8, seed=9, prefetch=prefetch)
+    run = PackedMemmapLoader(data, 8, seed=9, prefetch=prefetch, workers=workers)
     list(run.batches(layout="packed"))
     it = run.batches(layout="packed")
     for _ in range(5):
@@ -241,7 +243,7 @@ def test_resume_gives_same_batches(data, prefetch):
     state = json.loads(json.dumps(run.state()))
     it.close()
     assert state == {"seed": 9, "epoch": 1, "position": 5}
-    fresh = PackedMemmapLoader(data, 8, seed=0, prefetch=prefetch)
+    fresh = PackedMemmapLoader(data, 8, seed=0, prefetch=prefetch, workers=workers)
     fresh.restore(state)
     rest = [b["mol_idx"] for b in fresh.batches(layout="packed")]
     assert len(rest) == len(expected) - 5
@@ -259,6 +261,29 @@ def test_prefetch_transfer_and_worker_error(data):
 
     with pytest.raises(RuntimeError, match="transfer failed"):
         list(loader.batches(layout="packed", transfer=boom))
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_worker_error_raised_in_order(data, workers):
+    """With several assembly threads, batches before a failing one arrive, then its error, and the threads stop."""
+    loader = PackedMemmapLoader(data, 8, prefetch=2, workers=workers)
+    expected = [b["mol_idx"].copy() for b in PackedMemmapLoader(data, 8, prefetch=0).batches(layout="packed")]
+    seen = []
+
+    def fail_on_fifth(batch):
+        if np.array_equal(batch["mol_idx"], expected[4]):
+            raise RuntimeError("fifth batch failed")
+        return batch
+
+    with pytest.raises(RuntimeError, match="fifth batch failed"):
+        for batch in loader.batches(layout="packed", transfer=fail_on_fifth):
+            seen.append(batch["mol_idx"].copy())
+    assert len(seen) == 4
+    for got, want in zip(seen, expected):
+        np.testing.assert_array_equal(got, want)
+    assert not [t for t in threading.enumerate() if t.name.startswith("packedqdc-prefetch")]
+    with pytest.raises(ConfigError, match="workers must be >= 1"):
+        PackedMemmapLoader(data, 8, workers=0)
 
 
 def test_no_forces_no_qtot(tmp_path):
