@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -213,6 +215,16 @@ def test_bad_values_raise_one_line_naming_key_and_molecule(tmp_path: Path, make_
     assert [p for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+def test_huge_finite_values_pass_and_nan_among_them_is_found(tmp_path: Path, make_padded) -> None:
+    """The finiteness check's fast path (a chunk's sum) overflows on huge values: the exact check decides."""
+    d = make_padded()
+    d["F"][:, 0, :] = np.float32(3e38)  # finite, but the chunk's float32 sum overflows to inf
+    _assert_packed(pack_npz(_save(tmp_path / "in.npz", **d), tmp_path / "p", chunk_size=8).path, _flatten(d))
+    d["F"][14, 1, 2] = np.nan
+    with pytest.raises(SourceError, match="key 'F': molecule 14: non-finite value"):
+        pack_npz(_save(tmp_path / "in2.npz", **d), tmp_path / "p2", chunk_size=8)
+
+
 def test_padding_z_beyond_n_is_ignored(tmp_path: Path, make_padded) -> None:
     d = make_padded()
     i = int(np.argmin(d["N"]))
@@ -251,6 +263,21 @@ def test_shape_mismatch_names_the_key(tmp_path: Path, make_padded) -> None:
     d["E"] = d["E"][:-1]
     with pytest.raises(SourceError, match=r"key 'E': shape \(39,\), expected \(40,\)"):
         pack_npz(_save(tmp_path / "in.npz", **d), tmp_path / "p")
+
+
+def test_member_shorter_than_its_header_says(tmp_path: Path, make_padded) -> None:
+    """A stored member whose data ends before its header's shape does is refused at open, naming the key."""
+    d = make_padded()
+    path = tmp_path / "in.npz"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        for key, value in d.items():
+            buf = io.BytesIO()
+            np.save(buf, value)
+            data = buf.getvalue()
+            zf.writestr(f"{key}.npy", data[: -value[0].nbytes] if key == "R" else data)  # R lacks its last molecule
+    with pytest.raises(SourceError, match=r"in.npz: key 'R': the member holds \d+ bytes of data but its header's shape"):
+        pack_npz(path, tmp_path / "p")
+    assert not (tmp_path / "p").exists()
 
 
 def test_not_an_npz_is_unreadable(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ decompressed sequentially, chunk by chunk. Unknown keys (``smiles``, ``info``, .
 
 from __future__ import annotations
 
+import os
 import struct
 import zipfile
 from collections.abc import Iterator
@@ -72,9 +73,12 @@ def parse_keys(spec: str | None) -> dict[str, str]:
 class _Member:
     """A ``.npy`` member of an NPZ, readable by row ranges along its first axis.
 
-    Stored members are read with ``pread``-style seeks into the zip file (random access, nothing
-    mapped, so resident memory stays at one chunk). Compressed members are decompressed
-    sequentially; going back re-opens the stream.
+    Stored (``np.savez``) C-ordered members are mapped one row range at a time: ``rows`` returns a
+    read-only view of the page cache, so the caller copies the real atoms straight out of it (no
+    intermediate read buffer), and the mapping goes when the chunk's arrays do. A stored member
+    that the file cannot hold in full (truncated) is read with seeks instead, so the rows before the
+    damage still read and the first missing row raises a clear error. Compressed members are
+    decompressed sequentially; going back re-opens the stream.
     """
 
     def __init__(self, source: str, zf: zipfile.ZipFile, raw: IO[bytes], info: zipfile.ZipInfo, key: str):
@@ -93,16 +97,28 @@ class _Member:
             raise SourceError(f"{self._where}: Fortran-ordered compressed arrays are not supported")
         self._data_offset = _local_data_offset(raw, info, self._where) + header_len if self.stored else 0
         self._row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        data_bytes = self.rows_total * self._row_bytes
+        if self.stored and info.file_size != header_len + data_bytes:
+            raise SourceError(
+                f"{self._where}: the member holds {info.file_size - header_len} bytes of data but its "
+                f"header's shape {self.shape} {self.dtype} needs {data_bytes}"
+            )
+        data_end = self._data_offset + data_bytes
+        self._mapped = self.stored and not self.fortran and data_end <= os.fstat(raw.fileno()).st_size
 
     @property
     def rows_total(self) -> int:
         return int(self.shape[0]) if self.shape else 1
 
     def rows(self, lo: int, hi: int) -> np.ndarray:
-        """Rows ``lo:hi`` as a new in-memory array of shape ``(hi - lo, *shape[1:])``."""
+        """Rows ``lo:hi``, shape ``(hi - lo, *shape[1:])``: a read-only view of the mapped file for
+        stored members (see the class), else a new in-memory array."""
         if not self.shape:
             return self.read_all()
         n = hi - lo
+        if self._mapped and n:
+            return np.asarray(np.memmap(self._raw, dtype=self.dtype, mode="r",
+                                        offset=self._data_offset + lo * self._row_bytes, shape=(n, *self.shape[1:])))
         if self.fortran:
             full = np.memmap(self._raw, dtype=self.dtype, mode="r", offset=self._data_offset,
                              shape=self.shape, order="F")
@@ -549,8 +565,13 @@ def _atom_bad(per_atom_bad: np.ndarray, counts: np.ndarray) -> np.ndarray:
 
 
 def _non_finite_atoms(a: np.ndarray, counts: np.ndarray) -> np.ndarray | None:
-    if a.dtype.kind != "f" or np.isfinite(a).all():
+    # A NaN or inf makes the sum non-finite, so a finite sum clears the chunk in one pass with no
+    # temporary; a sum that overflows only sends the chunk to the exact per-atom check.
+    if a.dtype.kind != "f":
         return None
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(a.sum()):
+            return None
     return _atom_bad(~np.isfinite(a).all(axis=1), counts)
 
 
