@@ -255,10 +255,17 @@ class MoleculeChunk:
         return int(self.n_atoms.shape[0])
 
 
+#: A writer's thread flushes its file to disk whenever this many bytes are unflushed (see below).
+EARLY_SYNC_BYTES = 8 << 20
+
+
 class _HashingWriter:
     """Appends bytes to a file and feeds them to sha256 in a background thread.
 
-    hashlib releases the GIL on large buffers, so hashing overlaps with the next chunk's I/O.
+    hashlib releases the GIL on large buffers, so hashing overlaps with the next chunk's I/O. The
+    same thread also ``fdatasync``s the file every ``EARLY_SYNC_BYTES`` bytes it has hashed (those
+    bytes are already written): the disk writes go on while the pack does, and the final fsync in
+    ``close`` only has the tail left to flush.
     """
 
     def __init__(self, file: Path) -> None:
@@ -271,8 +278,13 @@ class _HashingWriter:
         self.nbytes = 0
 
     def _hash_loop(self) -> None:
+        unsynced = 0
         while (buf := self._queue.get()) is not None:
             self._sha.update(buf)
+            unsynced += buf.nbytes
+            if unsynced >= EARLY_SYNC_BYTES:
+                _fdatasync(self._fh.fileno())
+                unsynced = 0
 
     def write(self, array: np.ndarray) -> None:
         buf = memoryview(np.ascontiguousarray(array)).cast("B")
@@ -293,6 +305,9 @@ class _HashingWriter:
             self._queue.put(None)
             self._thread.join()
         self._fh.close()
+
+
+_fdatasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
 
 
 def sha256_file(file: Path, block: int = 1 << 22) -> str:

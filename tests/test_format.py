@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import packedqdc.format as fmt
 from packedqdc.errors import FormatError, TargetExistsError
 from packedqdc.format import E_FILE, META, MoleculeChunk, PackedWriter, open_packed, sha256_file
 
@@ -61,6 +62,20 @@ def test_round_trip(tmp_path: Path) -> None:
     assert meta["provenance"] == {"source": "test"}
     assert meta["sha256"][E_FILE] == sha256_file(ds.path / E_FILE)
     assert _leftovers(tmp_path) == []
+
+
+def test_files_flushed_early_while_writing_keep_contents_and_checksums(tmp_path: Path, monkeypatch) -> None:
+    """With a tiny early-sync threshold every file is fdatasync'ed while chunks still arrive."""
+    synced: list[int] = []
+    real = fmt._fdatasync
+    monkeypatch.setattr(fmt, "EARLY_SYNC_BYTES", 64)
+    monkeypatch.setattr(fmt, "_fdatasync", lambda fd: (synced.append(fd), real(fd)))
+    chunks = _chunks(sizes=(40, 30, 50))
+    ds = open_packed(_write(tmp_path / "out", chunks))
+    assert len(synced) >= 3 * 5  # R, F, Z, E, Qtot: at least once per chunk each
+    np.testing.assert_array_equal(ds.R, np.concatenate([c.R for c in chunks]))
+    for name, digest in ds.meta["sha256"].items():
+        assert digest == sha256_file(ds.path / name), name
 
 
 def test_failure_midway_leaves_no_target_and_no_temp_dir(tmp_path: Path) -> None:
