@@ -278,12 +278,15 @@ class _HashingWriter:
         self.nbytes = 0
 
     def _hash_loop(self) -> None:
-        unsynced = 0
+        unsynced, early_sync = 0, True
         while (buf := self._queue.get()) is not None:
             self._sha.update(buf)
             unsynced += buf.nbytes
-            if unsynced >= EARLY_SYNC_BYTES:
-                _fdatasync(self._fh.fileno())
+            if early_sync and unsynced >= EARLY_SYNC_BYTES:
+                try:
+                    _fdatasync(self._fh.fileno())
+                except OSError:  # only a head start: the fsync in close() reports real failures
+                    early_sync = False
                 unsynced = 0
 
     def write(self, array: np.ndarray) -> None:

@@ -78,6 +78,22 @@ def test_files_flushed_early_while_writing_keep_contents_and_checksums(tmp_path:
         assert digest == sha256_file(ds.path / name), name
 
 
+def test_failing_early_flush_does_not_stall_the_writer(tmp_path: Path, monkeypatch) -> None:
+    """A file system that refuses fdatasync: the pack still completes (close() does the real fsync)."""
+    calls: list[int] = []
+
+    def refuse(fd: int) -> None:
+        calls.append(fd)
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(fmt, "EARLY_SYNC_BYTES", 64)
+    monkeypatch.setattr(fmt, "_fdatasync", refuse)
+    chunks = _chunks(sizes=(40, 30, 50, 20, 60, 10))
+    ds = open_packed(_write(tmp_path / "out", chunks))
+    np.testing.assert_array_equal(ds.F, np.concatenate([c.F for c in chunks]))
+    assert len(calls) == 5  # one try per file, then no more
+
+
 def test_failure_midway_leaves_no_target_and_no_temp_dir(tmp_path: Path) -> None:
     target = tmp_path / "out"
     with pytest.raises(RuntimeError):
