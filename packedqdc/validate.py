@@ -16,6 +16,7 @@ import numpy as np
 
 from .elements import MAX_Z, symbol
 from .errors import FormatError
+from .finite import all_finite
 from .format import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -312,6 +313,8 @@ def _scan(file: Path, spec: RawFileSpec, rows: int) -> tuple[list[_Finding], np.
             histogram += np.bincount(np.clip(block, 0, MAX_Z + 1), minlength=MAX_Z + 2)
             if block.min(initial=1) < 1 or block.max(initial=1) > MAX_Z:
                 findings[0].update(lo, (block < 1) | (block > MAX_Z), block)
+            continue
+        if spec.name != QTOT_FILE and all_finite(block):
             continue
         finite = np.isfinite(block) if spec.width == 1 else np.isfinite(block).all(axis=1)
         if not finite.all():

@@ -167,6 +167,17 @@ def test_clean_directory(packed_dir: Path) -> None:
     assert res.exit_code == 0 and res.output.startswith("OK ")
 
 
+def test_huge_finite_values_are_clean_and_a_nan_among_them_is_found(packed_dir: Path) -> None:
+    """The block check's fast path (one sum) overflows on huge values; the exact check decides."""
+    r = np.fromfile(packed_dir / "R_pack.f32", dtype=np.float32)
+    r[:30] = np.finfo(np.float32).max
+    r.tofile(packed_dir / "R_pack.f32")
+    assert not [p for p in validate_packed(packed_dir).problems if p.file == "R_pack.f32"]
+    _poke(packed_dir, "R_pack.f32", np.float32, (_atom(packed_dir, 7), 1), np.nan, width=3)
+    problems = [p for p in validate_packed(packed_dir).problems if p.file == "R_pack.f32"]
+    assert len(problems) == 1 and problems[0].molecule == 7 and "non-finite value" in problems[0].message
+
+
 def test_several_problems_are_all_reported(packed_dir: Path) -> None:
     truncate_r(packed_dir)
     inf_e(packed_dir)

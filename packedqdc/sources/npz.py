@@ -27,6 +27,7 @@ import numpy as np
 
 from ..elements import MAX_Z
 from ..errors import ConfigError, SourceError
+from ..finite import all_finite
 from ..format import MoleculeChunk
 from ..units import energy_factor, length_factor
 from . import UnreadableSourceError
@@ -565,13 +566,8 @@ def _atom_bad(per_atom_bad: np.ndarray, counts: np.ndarray) -> np.ndarray:
 
 
 def _non_finite_atoms(a: np.ndarray, counts: np.ndarray) -> np.ndarray | None:
-    # A NaN or inf makes the sum non-finite, so a finite sum clears the chunk in one pass with no
-    # temporary; a sum that overflows only sends the chunk to the exact per-atom check.
-    if a.dtype.kind != "f":
+    if all_finite(a):
         return None
-    with np.errstate(over="ignore", invalid="ignore"):
-        if np.isfinite(a.sum()):
-            return None
     return _atom_bad(~np.isfinite(a).all(axis=1), counts)
 
 
