@@ -257,6 +257,7 @@ class MoleculeChunk:
 
 #: A writer's thread flushes its file to disk whenever this many bytes are unflushed (see below).
 EARLY_SYNC_BYTES = 8 << 20
+_fdatasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
 
 
 class _HashingWriter:
@@ -308,9 +309,6 @@ class _HashingWriter:
             self._queue.put(None)
             self._thread.join()
         self._fh.close()
-
-
-_fdatasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
 
 
 def sha256_file(file: Path, block: int = 1 << 22) -> str:

@@ -415,9 +415,7 @@ class PackedMemmapLoader:
         per_worker = -(-depth // n_workers)
         # per worker: its queue holds `per_worker` items, the consumer one, and VALID_DRAWS more stay untouched
         ring = per_worker + 1 + VALID_DRAWS if reuse_buffers else 0
-        real = steps >= 0
-        first = np.where(real, plan.bounds[np.maximum(steps, 0)], 0)
-        last = np.where(real, plan.bounds[np.maximum(steps, 0) + 1], 0)
+        first, last = plan.bounds[steps], plan.bounds[steps + 1]  # (n_steps, num_devices) bounds in plan.mols
         max_atoms = int(self.n_atoms.max(initial=1))
 
         def produce(worker: int) -> Iterator[Batch]:
