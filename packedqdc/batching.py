@@ -13,10 +13,10 @@ Two layouts share one batch contract (``docs/architecture.md``):
   classes ``(A, M, P)`` keep padding small. The last atom slot and the last molecule slot of a
   packed batch are always padding, so padding atoms and pairs have a valid place to point.
 
-Assembly is one pass of a compiled kernel per batch (``@numba.njit(cache=True, nogil=True)``,
-compiled at the first batch, not at import): atoms are copied as contiguous slices of the memmaps,
-pair lists are written in place, and only the padding that the previous content of a reused buffer
-dirtied is rewritten. Kernels release the GIL, so a prefetch thread overlaps with the consumer.
+Assembly is one call of a compiled kernel (:mod:`packedqdc.kernels`) per item, in the calling
+thread or cut into runs over numba's thread pool (``threads``): atoms are copied as contiguous
+slices of the memmaps, pair lists are written in place, and only the padding that the previous
+content of a reused buffer dirtied is rewritten.
 """
 
 from __future__ import annotations
@@ -25,11 +25,19 @@ import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import numba
 import numpy as np
 
 from .errors import ConfigError
 from .format import PackedDataset
+from .kernels import (
+    count_within,
+    fill_packed,
+    fill_packed_threaded,
+    fill_padded,
+    fill_padded_threaded,
+    greedy_bounds,
+    kernel_threads,
+)
 
 BATCH_KEYS = (
     "Z", "R", "F", "atom_mask", "batch_segments",
@@ -115,33 +123,6 @@ def pair_templates(max_n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return start, dst, src
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
-def _within(R: np.ndarray, i: int, j: int, c2: np.float32) -> bool:
-    """Atoms ``i`` and ``j`` of ``R`` (float32 (3n,), flat xyz) closer than ``sqrt(c2)``, in float32.
-
-    The one test used both to count pairs ahead of an epoch and to build the lists, so the counts
-    and the lists always agree.
-    """
-    dx = R[3 * i] - R[3 * j]
-    dy = R[3 * i + 1] - R[3 * j + 1]
-    dz = R[3 * i + 2] - R[3 * j + 2]
-    return dx * dx + dy * dy + dz * dz < c2
-
-
-@numba.njit(cache=True, nogil=True)
-def _count_within(offsets: np.ndarray, R: np.ndarray, c2: np.float32, out: np.ndarray) -> None:
-    """``out[i]`` = ordered pairs i != j of molecule ``i`` closer than ``sqrt(c2)``; R (3T,) flat, out (N,) int64."""
-    for m in range(out.shape[0]):
-        o = offsets[m]
-        n = offsets[m + 1] - o
-        count = 0
-        for d in range(n):
-            for s in range(n):
-                if s != d and _within(R, o + d, o + s, c2):
-                    count += 1
-        out[m] = count
-
-
 def squared_cutoff(cutoff: float) -> np.float32:
     """``cutoff**2`` as the float32 the kernels compare squared float32 distances with."""
     return np.float32(cutoff) * np.float32(cutoff)
@@ -156,7 +137,7 @@ def cutoff_pair_counts(ds: PackedDataset, offsets: np.ndarray, cutoff: float) ->
         offsets: (N+1,) int64 atom offsets of ``ds``, in memory.
     """
     out = np.zeros(ds.n_molecules, dtype=np.int64)
-    _count_within(offsets, np.asarray(ds.R).reshape(-1), squared_cutoff(cutoff), out)
+    count_within(offsets, np.asarray(ds.R).reshape(-1), squared_cutoff(cutoff), out)
     return out
 
 
@@ -210,17 +191,9 @@ def greedy_fill(atoms: np.ndarray, pairs: np.ndarray, a_cap: int, p_cap: int, m_
     Returns:
         (n_batches + 1,) int64 bounds into the sequence.
     """
-    L = atoms.shape[0]
-    cum_a = np.concatenate([[0], np.cumsum(atoms, dtype=np.int64)])
-    cum_p = np.concatenate([[0], np.cumsum(pairs, dtype=np.int64)])
-    bounds = [0]
-    s = 0
-    while s < L:
-        e_a = int(np.searchsorted(cum_a, cum_a[s] + a_cap, side="right")) - 1
-        e_p = int(np.searchsorted(cum_p, cum_p[s] + p_cap, side="right")) - 1
-        s = min(e_a, e_p, s + m_cap, L)
-        bounds.append(s)
-    return np.asarray(bounds, dtype=np.int64)
+    atoms = np.asarray(atoms, dtype=np.int64)
+    pairs = np.asarray(pairs, dtype=np.int64)
+    return greedy_bounds(atoms, pairs, int(a_cap), int(p_cap), int(m_cap))
 
 
 def _segment_sums(values: np.ndarray, bounds: np.ndarray) -> np.ndarray:
@@ -401,219 +374,6 @@ def split_plan(plan: EpochPlan, parts: int, sizes: np.ndarray, part_classes: tup
 
 
 # --------------------------------------------------------------------------------------------
-# Assembly kernels
-#
-# Each kernel fills one item: ``k`` batches of one shape back to back (k = 1 for ``batches()``,
-# k = D for ``stacked_batches``). Batch ``b`` holds ``mols[lo[b]:hi[b]]`` (lo == hi: all padding).
-# Sources are the dataset's arrays (memmap views, R and F flat xyz); outputs are flat too. The
-# output buffers may hold an earlier item: ``marks`` (packed) or the old ``N`` (padded) say how far
-# that content reaches, and only that far is padding rewritten. A fresh buffer (np.empty) is
-# marked as dirty everywhere.
-# --------------------------------------------------------------------------------------------
-
-
-@numba.njit(cache=True, nogil=True, inline="always")
-def _touch(
-    mols: np.ndarray, lo: int, hi: int, offsets: np.ndarray, Zs: np.ndarray, Rs: np.ndarray, Fs: np.ndarray,
-    Es: np.ndarray, Qs: np.ndarray,
-) -> float:  # fmt: skip
-    """Load one value per cache line of every molecule ``mols[lo:hi]``, and return their (meaningless) sum.
-
-    Molecules sit at random places in the files; these independent loads let the CPU fetch a whole
-    batch's lines at once instead of one molecule after the other (about 2x faster assembly).
-    """
-    acc = 0.0
-    for m in range(lo, hi):
-        i = mols[m]
-        o = offsets[i]
-        n = offsets[i + 1] - o
-        acc += Es[i] + (Qs[i] if Qs.shape[0] else 0.0)
-        for u in range(0, n, 16):
-            acc += Zs[o + u]
-        for u in range(0, 3 * n, 16):
-            acc += Rs[3 * o + u] + (Fs[3 * o + u] if Fs.shape[0] else 0.0)
-    return acc
-
-
-@numba.njit(cache=True, nogil=True, inline="always")
-def _copy_atoms(
-    o: int, n: int, a: int, Zs: np.ndarray, Rs: np.ndarray, Fs: np.ndarray,
-    Z: np.ndarray, R: np.ndarray, F: np.ndarray, atom_mask: np.ndarray,
-) -> None:  # fmt: skip
-    """Atoms ``o .. o+n`` of the sources into slots ``a .. a+n`` (F zeros when ``Fs`` is empty)."""
-    Z[a : a + n] = Zs[o : o + n]
-    R[3 * a : 3 * (a + n)] = Rs[3 * o : 3 * (o + n)]
-    if Fs.shape[0]:
-        F[3 * a : 3 * (a + n)] = Fs[3 * o : 3 * (o + n)]
-    else:
-        F[3 * a : 3 * (a + n)] = 0.0
-    atom_mask[a : a + n] = True
-
-
-@numba.njit(cache=True, nogil=True, inline="always")
-def _clear_atoms(lo: int, hi: int, Z: np.ndarray, R: np.ndarray, F: np.ndarray, atom_mask: np.ndarray) -> None:
-    """Padding atoms in slots ``lo .. hi`` (nothing when hi <= lo): zeros, mask False."""
-    if hi > lo:
-        Z[lo:hi] = 0
-        R[3 * lo : 3 * hi] = 0.0
-        F[3 * lo : 3 * hi] = 0.0
-        atom_mask[lo:hi] = False
-
-
-@numba.njit(cache=True, nogil=True, inline="always")
-def _molecule_pairs(
-    o: int, n: int, la: np.int32, p: int, p_end: int, Rs: np.ndarray, c2: np.float32, use_cutoff: bool,
-    t_start: np.ndarray, t_dst: np.ndarray, t_src: np.ndarray, dst: np.ndarray, src: np.ndarray,
-) -> int:  # fmt: skip
-    """Write the pairs of a molecule (atoms ``o .. o+n`` of ``Rs``, first slot ``la``) from ``p``; return the end.
-
-    All ordered pairs are the size-``n`` template shifted by ``la`` (a vectorised copy); with
-    ``use_cutoff`` only those closer than ``sqrt(c2)``.
-    """
-    t0 = t_start[n]
-    pc = n * (n - 1)
-    td, ts = t_dst[t0 : t0 + pc], t_src[t0 : t0 + pc]
-    if not use_cutoff:
-        if p + pc > p_end:
-            raise ValueError("batch exceeds its pair budget")
-        out_d, out_s = dst[p : p + pc], src[p : p + pc]
-        for q in range(pc):
-            out_d[q] = td[q] + la
-            out_s[q] = ts[q] + la
-        return p + pc
-    for q in range(pc):
-        if _within(Rs, o + td[q], o + ts[q], c2):
-            if p >= p_end:
-                raise ValueError("batch exceeds its pair budget")
-            dst[p] = td[q] + la
-            src[p] = ts[q] + la
-            p += 1
-    return p
-
-
-@numba.njit(cache=True, nogil=True)
-def fill_packed(
-    mols: np.ndarray, lo: np.ndarray, hi: np.ndarray, offsets: np.ndarray,
-    Zs: np.ndarray, Rs: np.ndarray, Fs: np.ndarray, Es: np.ndarray, Qs: np.ndarray, c2: np.float32, use_cutoff: bool,
-    t_start: np.ndarray, t_dst: np.ndarray, t_src: np.ndarray,
-    Z: np.ndarray, R: np.ndarray, F: np.ndarray, atom_mask: np.ndarray, seg: np.ndarray,
-    E: np.ndarray, Qtot: np.ndarray, N: np.ndarray, mol_mask: np.ndarray, mol_idx: np.ndarray,
-    dst: np.ndarray, src: np.ndarray, pair_mask: np.ndarray, marks: np.ndarray,
-) -> float:  # fmt: skip
-    """Fill ``k`` packed batches of shape (A, M, P) in place; return ``_touch``'s meaningless sum.
-
-    Args:
-        mols: (L,) int64 dataset indices; lo, hi: (k,) int64 bounds of each batch in ``mols``.
-        offsets: (N+1,) int64 atom offsets. Zs (T,) int32, Rs (3T,) f32, Fs (3T,) or (0,) f32,
-            Es (N,) f64, Qs (N,) or (0,) f64: the dataset (memmap views).
-        c2: float32 squared cutoff, used when ``use_cutoff``.
-        t_start, t_dst, t_src: ``pair_templates`` of the largest molecule.
-        Z (k*A,) int32, R, F (3*k*A,) f32, atom_mask (k*A,) bool, seg (k*A,) int32,
-        E, Qtot (k*M,) f64, N (k*M,) int32, mol_mask (k*M,) bool, mol_idx (k*M,) int64,
-        dst, src (k*P,) int32, pair_mask (k*P,) bool: the outputs.
-        marks: (k, 3) int64 real atoms, molecules, pairs of the content each batch holds (-1: a
-            fresh buffer, dirty everywhere); updated.
-    """
-    k = lo.shape[0]
-    A, M, P = Z.shape[0] // k, E.shape[0] // k, dst.shape[0] // k
-    acc = 0.0
-    for b in range(k):
-        acc += _touch(mols, lo[b], hi[b], offsets, Zs, Rs, Fs, Es, Qs)
-        a0, m0, p0 = b * A, b * M, b * P
-        fresh = marks[b, 0] < 0
-        a, p = a0, p0
-        m_real = hi[b] - lo[b]
-        for m in range(m_real):
-            i = mols[lo[b] + m]
-            o = offsets[i]
-            n = offsets[i + 1] - o
-            if a + n > a0 + A - 1 or m + 1 > M - 1:
-                raise ValueError("batch exceeds its atom or molecule budget")
-            E[m0 + m] = Es[i]
-            Qtot[m0 + m] = Qs[i] if Qs.shape[0] else 0.0
-            N[m0 + m] = n
-            mol_mask[m0 + m] = True
-            mol_idx[m0 + m] = i
-            _copy_atoms(o, n, a, Zs, Rs, Fs, Z, R, F, atom_mask)
-            seg[a : a + n] = m
-            p = _molecule_pairs(o, n, np.int32(a - a0), p, p0 + P, Rs, c2, use_cutoff, t_start, t_dst, t_src, dst, src)
-            a += n
-        old_a = a0 + (A if fresh else marks[b, 0])
-        old_m = m0 + (M if fresh else marks[b, 1])
-        old_p = p0 + (P if fresh else marks[b, 2])
-        _clear_atoms(a, old_a, Z, R, F, atom_mask)
-        seg[a:old_a] = M - 1
-        E[m0 + m_real : old_m] = 0.0
-        Qtot[m0 + m_real : old_m] = 0.0
-        N[m0 + m_real : old_m] = 0
-        mol_mask[m0 + m_real : old_m] = False
-        mol_idx[m0 + m_real : old_m] = -1
-        dst[p:old_p] = A - 1
-        src[p:old_p] = A - 1
-        pair_mask[p0 if fresh else old_p : p] = True  # [p0, old_p) is True already
-        pair_mask[p:old_p] = False
-        marks[b, 0], marks[b, 1], marks[b, 2] = a - a0, m_real, p - p0
-    return acc
-
-
-@numba.njit(cache=True, nogil=True)
-def fill_padded(
-    mols: np.ndarray, lo: np.ndarray, hi: np.ndarray, offsets: np.ndarray,
-    Zs: np.ndarray, Rs: np.ndarray, Fs: np.ndarray, Es: np.ndarray, Qs: np.ndarray, c2: np.float32, use_cutoff: bool,
-    na: int, Z: np.ndarray, R: np.ndarray, F: np.ndarray, atom_mask: np.ndarray,
-    E: np.ndarray, Qtot: np.ndarray, N: np.ndarray, mol_mask: np.ndarray, mol_idx: np.ndarray, pair_mask: np.ndarray,
-) -> float:  # fmt: skip
-    """Fill ``k`` padded batches of ``M`` slots of ``na`` atoms in place; return ``_touch``'s sum.
-
-    Arguments as ``fill_packed``; there is no ``seg``, ``dst`` or ``src`` (shared constants) and no
-    ``marks``: the old ``N`` of each slot says how far its previous content reaches (a fresh buffer
-    has ``N = na``). ``pair_mask`` is (k*M*na*(na-1),): slot ``j`` owns rows ``d`` of ``na - 1``
-    entries, row ``d`` listing ``s = 0 .. na-1`` without ``d`` (the order of ``pair_templates``).
-    """
-    k = lo.shape[0]
-    M = N.shape[0] // k
-    per = na * (na - 1)
-    acc = 0.0
-    for b in range(k):
-        acc += _touch(mols, lo[b], hi[b], offsets, Zs, Rs, Fs, Es, Qs)
-    for slot in range(N.shape[0]):
-        b, j = slot // M, slot % M
-        old = N[slot]
-        n, o = 0, 0
-        if j < hi[b] - lo[b]:
-            i = mols[lo[b] + j]
-            o = offsets[i]
-            n = offsets[i + 1] - o
-            if n > na:
-                raise ValueError("molecule larger than num_atoms")
-            E[slot] = Es[i]
-            Qtot[slot] = Qs[i] if Qs.shape[0] else 0.0
-            mol_mask[slot] = True
-            mol_idx[slot] = i
-            _copy_atoms(o, n, slot * na, Zs, Rs, Fs, Z, R, F, atom_mask)
-        else:
-            E[slot] = 0.0
-            Qtot[slot] = 0.0
-            mol_mask[slot] = False
-            mol_idx[slot] = -1
-        N[slot] = n
-        _clear_atoms(slot * na + n, slot * na + old, Z, R, F, atom_mask)
-        top = max(n, old)  # rows and columns beyond it are False already
-        for d in range(top):
-            row = pair_mask[slot * per + d * (na - 1) : slot * per + d * (na - 1) + top - 1]
-            if d >= n:
-                row[:] = False
-            elif use_cutoff:
-                for c in range(top - 1):
-                    s = c if c < d else c + 1
-                    row[c] = s < n and _within(Rs, o + d, o + s, c2)
-            else:
-                row[: n - 1] = True
-                row[n - 1 :] = False
-    return acc
-
-
-# --------------------------------------------------------------------------------------------
 # Assembly: buffers and items
 # --------------------------------------------------------------------------------------------
 
@@ -625,6 +385,14 @@ class LayoutSpec:
     layout: str  # "padded" or "packed"
     num_atoms: int = 0  # padded layout only
     cutoff: float | None = None
+
+
+_PADDED_OUTPUTS = ("Z", "R", "F", "atom_mask", "E", "Qtot", "N", "mol_mask", "mol_idx", "pair_mask")
+# the kernels' output arguments, in order
+_PACKED_OUTPUTS = (
+    "Z", "R", "F", "atom_mask", "batch_segments", "E", "Qtot", "N", "mol_mask", "mol_idx",
+    "dst_idx", "src_idx", "pair_mask",
+)  # fmt: skip
 
 
 class _Buffers:
@@ -649,6 +417,8 @@ class _Buffers:
                 batch_segments=np.empty(A, np.int32), dst_idx=np.empty(P, np.int32), src_idx=np.empty(P, np.int32)
             )
             self.marks = np.full((group, 3), -1, dtype=np.int64)  # fresh: dirty everywhere
+        keys = _PADDED_OUTPUTS if padded else _PACKED_OUTPUTS
+        self.outputs = tuple(self.arrays[key] for key in keys) + (() if padded else (self.marks,))
         views = {**self.arrays, **consts, "R": self.arrays["R"].reshape(A, 3), "F": self.arrays["F"].reshape(A, 3)}
         if group > 1:
             views = {key: _stack_view(value, group) for key, value in views.items()}
@@ -674,28 +444,40 @@ class Assembler:
         offsets: (N+1,) int64 atom offsets, in memory.
         spec: the layout.
         shapes: the classes of the epoch plan.
-        max_atoms: the largest molecule the items can hold (sizes the pair templates).
         group: batches per item (1: plain batches; D: stacked with a leading axis D).
         ring: 0 gives every item fresh arrays; r > 0 cycles through r buffer sets per class, so an
             item is overwritten by the r-th item of its class after it.
+        pair_counts: packed layout with a cutoff: (N,) int64 pairs within it of every dataset
+            molecule (``cutoff_pair_counts``); None otherwise.
+        threads: threads of numba's pool that fill each item (1: the calling thread alone); see
+            ``kernels.kernel_threads``.
     """
 
     def __init__(
         self, ds: PackedDataset, offsets: np.ndarray, spec: LayoutSpec, shapes: tuple[BatchShape, ...],
-        max_atoms: int, group: int = 1, ring: int = 0,
+        group: int = 1, ring: int = 0, pair_counts: np.ndarray | None = None, threads: int = 1,
     ) -> None:  # fmt: skip
+        if spec.layout == "packed" and spec.cutoff is not None and pair_counts is None:
+            raise ValueError("the packed layout with a cutoff needs the pair counts within it")
         self.spec = spec
         self.shapes = shapes
         self.group = group
         self.ring = ring
-        self.offsets = offsets
-        self.sources = (
-            np.asarray(ds.Z), np.asarray(ds.R).reshape(-1),
+        self.threads = kernel_threads(threads)
+        counts = np.zeros(0, np.int64) if spec.layout == "padded" or spec.cutoff is None else pair_counts
+        c2 = squared_cutoff(spec.cutoff) if spec.cutoff is not None else np.float32(0.0)
+        sources = (
+            offsets, np.asarray(ds.Z), np.asarray(ds.R).reshape(-1),
             np.zeros(0, np.float32) if ds.F is None else np.asarray(ds.F).reshape(-1),
-            np.asarray(ds.E), np.zeros(0) if ds.Qtot is None else np.asarray(ds.Qtot),
+            np.asarray(ds.E), np.zeros(0) if ds.Qtot is None else np.asarray(ds.Qtot), c2, spec.cutoff is not None,
         )  # fmt: skip
-        self.c2 = squared_cutoff(spec.cutoff) if spec.cutoff is not None else np.float32(0.0)
-        self.templates = pair_templates(max_atoms)
+        if spec.layout == "padded":
+            self._inputs = (*sources, spec.num_atoms)
+            self._kernel = fill_padded if self.threads == 1 else fill_padded_threaded
+        else:
+            self._inputs = (*sources, np.asarray(counts, dtype=np.int64))
+            self._kernel = fill_packed if self.threads == 1 else fill_packed_threaded
+        self._extra = () if self.threads == 1 else (self.threads,)
         self.consts = padded_constants(spec.num_atoms, shapes[0].M) if spec.layout == "padded" else {}
         self._sets: list[list[_Buffers]] = [[] for _ in shapes]
         self._next = [0] * len(shapes)
@@ -721,19 +503,7 @@ class Assembler:
             lo, hi: (group,) int64 bounds of each batch in ``mols``.
         """
         buf = self._buffers(shape_id)
-        out = buf.arrays
-        common = (mols, lo, hi, self.offsets, *self.sources, self.c2, self.spec.cutoff is not None)
-        if self.spec.layout == "padded":
-            fill_padded(
-                *common, self.spec.num_atoms, out["Z"], out["R"], out["F"], out["atom_mask"], out["E"],
-                out["Qtot"], out["N"], out["mol_mask"], out["mol_idx"], out["pair_mask"],
-            )  # fmt: skip
-        else:
-            fill_packed(
-                *common, *self.templates, out["Z"], out["R"], out["F"], out["atom_mask"], out["batch_segments"], out["E"],
-                out["Qtot"], out["N"], out["mol_mask"], out["mol_idx"], out["dst_idx"], out["src_idx"],
-                out["pair_mask"], buf.marks,
-            )  # fmt: skip
+        self._kernel(mols, lo, hi, *self._inputs, *buf.outputs, *self._extra)
         return dict(buf.views)
 
 

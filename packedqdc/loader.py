@@ -55,6 +55,9 @@ class PackedMemmapLoader:
         prefetch: batches assembled ahead in background threads; 0 assembles in the caller.
         workers: threads assembling batches when ``prefetch`` > 0 (the kernels release the GIL);
             worker ``w`` builds batches ``w, w + workers, ...`` and the order is unchanged.
+        threads: threads of numba's pool that fill each batch together (1: the assembling thread
+            alone). Fastest on many cores; needs numba's ``omp`` or ``tbb`` threading layer (else
+            one thread, with a warning).
         process_index, process_count: this process's shard (see ``shard``).
 
     Attributes:
@@ -79,6 +82,7 @@ class PackedMemmapLoader:
         budgets: list[tuple[int, int, int]] | None = None,
         prefetch: int = 2,
         workers: int = 1,
+        threads: int = 1,
         process_index: int = 0,
         process_count: int = 1,
     ) -> None:
@@ -90,6 +94,8 @@ class PackedMemmapLoader:
             raise ConfigError(f"prefetch must be >= 0, got {prefetch}")
         if int(workers) < 1:
             raise ConfigError(f"workers must be >= 1, got {workers}")
+        if int(threads) < 1:
+            raise ConfigError(f"threads must be >= 1, got {threads}")
         self.path = Path(path)
         self.dataset = open_packed(path)
         self.n_atoms = np.array(self.dataset.n_atoms, dtype=np.int32)
@@ -101,6 +107,7 @@ class PackedMemmapLoader:
         self.seed = int(seed)
         self.prefetch = int(prefetch)
         self.workers = int(workers)
+        self.threads = int(threads)
         self.budgets = None if budgets is None else [BatchShape(*(int(x) for x in b)) for b in budgets]
         self.process_index, self.process_count = _check_shard(process_index, process_count)
         self.has_forces = self.dataset.F is not None
@@ -112,6 +119,7 @@ class PackedMemmapLoader:
         self._budget_cache: dict[float | None, list[BatchShape]] = {}
         self._plan_cache: tuple[Any, EpochPlan] | None = None
         self._split_cache: tuple[EpochPlan, int, EpochPlan] | None = None  # (plan, parts, its split)
+        self._assemblers: dict[tuple, list[Assembler]] = {}  # idle ones, kept for the next epoch
 
     # ---- the seed's attributes -------------------------------------------------------------
 
@@ -135,6 +143,7 @@ class PackedMemmapLoader:
         self._indices = idx
         self._budget_cache = {}
         self._plan_cache = None
+        self._assemblers = {}
 
     @property
     def N(self) -> int:
@@ -163,6 +172,7 @@ class PackedMemmapLoader:
         other = copy.copy(self)
         other._budget_cache = {}
         other._plan_cache = None
+        other._assemblers = {}
         other.epoch = 0
         other.position = 0
         for key, value in changes.items():
@@ -203,6 +213,7 @@ class PackedMemmapLoader:
         self.seed, self.epoch, self.position = seed, epoch, position
         self._budget_cache = {}
         self._plan_cache = None
+        self._assemblers = {}
 
     # ---- shapes and plans --------------------------------------------------------------------
 
@@ -340,6 +351,7 @@ class PackedMemmapLoader:
         transfer: Callable[[Batch], Any] | None = None,
         reuse_buffers: bool = False,
         workers: int | None = None,
+        threads: int | None = None,
     ) -> Iterator[Batch]:
         """Iterate over the rest of the current epoch (all of it from a fresh loader), then advance.
 
@@ -362,6 +374,7 @@ class PackedMemmapLoader:
                 the previous content dirtied is rewritten.
             workers: assembly threads when ``prefetch`` > 0 (default: the loader's); each has its
                 own buffers, and batches still come in order.
+            threads: threads of numba's pool that fill each batch together (default: the loader's).
 
         Raises:
             ConfigError: at the call, before any batch, e.g. a molecule larger than ``num_atoms``.
@@ -370,7 +383,7 @@ class PackedMemmapLoader:
         if not physnet_format and spec.layout != "padded":
             raise ConfigError("physnet_format=False needs layout='padded'")
         convert = None if physnet_format else _seed_format
-        return self._iterate(spec, 1, convert, prefetch, transfer, reuse_buffers, workers)
+        return self._iterate(spec, 1, convert, prefetch, transfer, reuse_buffers, workers, threads)
 
     def stacked_batches(
         self,
@@ -383,6 +396,7 @@ class PackedMemmapLoader:
         transfer: Callable[[Batch], Any] | None = None,
         reuse_buffers: bool = False,
         workers: int | None = None,
+        threads: int | None = None,
     ) -> Iterator[Batch]:
         """Like ``batches`` but each item is one batch dealt out into ``num_devices`` parts.
 
@@ -391,12 +405,12 @@ class PackedMemmapLoader:
         one static shape per class (see ``shard``). Every array gains a leading axis
         ``num_devices`` (e.g. ``R`` is ``(D, A', 3)``), ready to be sharded over devices; with
         ``num_devices=1`` the items are plain batches. ``reuse_buffers``, ``prefetch`` and
-        ``workers`` as in ``batches``: a reused item stays valid until one more has been drawn.
+        ``workers``, ``threads`` as in ``batches``: a reused item stays valid until one more has been drawn.
         """
         if int(num_devices) < 1:
             raise ConfigError(f"num_devices must be >= 1, got {num_devices}")
         spec = self._spec(layout, num_atoms, cutoff)
-        return self._iterate(spec, int(num_devices), None, prefetch, transfer, reuse_buffers, workers)
+        return self._iterate(spec, int(num_devices), None, prefetch, transfer, reuse_buffers, workers, threads)
 
     def _iterate(
         self,
@@ -407,6 +421,7 @@ class PackedMemmapLoader:
         transfer: Callable[[Batch], Any] | None,
         reuse_buffers: bool,
         workers: int | None = None,
+        threads: int | None = None,
     ) -> Iterator[Batch]:
         epoch, start = self.epoch, self.position
         plan, steps, shape_ids = self._steps(spec, epoch, num_devices)
@@ -416,16 +431,36 @@ class PackedMemmapLoader:
         # per worker: its queue holds `per_worker` items, the consumer one, and VALID_DRAWS more stay untouched
         ring = per_worker + 1 + VALID_DRAWS if reuse_buffers else 0
         first, last = plan.bounds[steps], plan.bounds[steps + 1]  # (n_steps, num_devices) bounds in plan.mols
-        max_atoms = int(self.n_atoms.max(initial=1))
+        n_threads = self.threads if threads is None else int(threads)
+        if n_threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {threads}")
+        pair_counts = self._pair_counts.get(spec.cutoff) if spec.cutoff is not None else None  # filled by _plan
+
+        key = (spec, plan.shapes, num_devices, ring, n_threads)
 
         def produce(worker: int) -> Iterator[Batch]:
-            assembler = Assembler(self.dataset, self._offsets, spec, plan.shapes, max_atoms, num_devices, ring)
-            for step in range(start + worker, steps.shape[0], n_workers):
-                item = assembler.assemble(plan.mols, first[step], last[step], int(shape_ids[step]))
-                yield item if convert is None else convert(item)
+            assembler = self._take_assembler(key, pair_counts)
+            try:
+                for step in range(start + worker, steps.shape[0], n_workers):
+                    item = assembler.assemble(plan.mols, first[step], last[step], int(shape_ids[step]))
+                    yield item if convert is None else convert(item)
+            finally:
+                self._assemblers.setdefault(key, []).append(assembler)
 
         sources = [produce(w) for w in range(n_workers)]
         return self._track(epoch, prefetched(sources, per_worker, transfer))
+
+    def _take_assembler(self, key: tuple, pair_counts: np.ndarray | None) -> Assembler:
+        """An idle assembler of ``key`` (spec, shapes, devices, ring, threads), or a new one.
+
+        Assemblers (and their buffer rings, whose first touch is slow) live from epoch to epoch;
+        one iterator holds one at a time, so two live iterators never share buffers.
+        """
+        try:
+            return self._assemblers.get(key, []).pop()
+        except IndexError:
+            spec, shapes, devices, ring, threads = key
+            return Assembler(self.dataset, self._offsets, spec, shapes, devices, ring, pair_counts, threads)
 
     def _track(self, epoch: int, items: Iterator[Batch]) -> Iterator[Batch]:
         try:
@@ -501,8 +536,23 @@ def prefetched(
     if depth <= 0:
         if len(sources) != 1:
             raise ValueError("prefetch depth 0 runs in the caller's thread: pass one iterator")
-        return (item if transfer is None else transfer(item) for item in sources[0])
+        return _inline(sources[0], transfer)
     return _threaded(sources, depth, transfer)
+
+
+def _inline(items: Iterator[Any], transfer: Callable[[Any], Any] | None) -> Iterator[Any]:
+    try:
+        for item in items:
+            yield item if transfer is None else transfer(item)
+    finally:
+        _close(items)
+
+
+def _close(items: Iterator[Any]) -> None:
+    """Close a generator now (its ``finally`` runs here), rather than whenever it is collected."""
+    close = getattr(items, "close", None)
+    if close is not None:
+        close()
 
 
 def _threaded(sources: list[Iterator[Any]], depth: int, transfer: Callable[[Any], Any] | None) -> Iterator[Any]:
@@ -526,6 +576,8 @@ def _threaded(sources: list[Iterator[Any]], depth: int, transfer: Callable[[Any]
             put(_DONE)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
             put(_Failure(exc))
+        finally:
+            _close(items)
 
     threads = [
         threading.Thread(target=work, args=(items, q), name=f"packedqdc-prefetch-{w}", daemon=True)

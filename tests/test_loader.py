@@ -109,16 +109,16 @@ def _copy(batch):
     return {key: np.array(value) for key, value in batch.items()}
 
 
-@pytest.mark.parametrize(("prefetch", "workers"), [(0, 1), (3, 1), (2, 3)])
+@pytest.mark.parametrize(("prefetch", "workers", "threads"), [(0, 1, 1), (3, 1, 1), (2, 3, 1), (0, 1, 2), (2, 2, 2)])
 @pytest.mark.parametrize("kw", LAYOUTS + [dict(num_devices=2, layout="packed"), dict(num_devices=3, num_atoms=14)])
-def test_reused_buffers_equal_fresh_batches(data, kw, prefetch, workers):
+def test_reused_buffers_equal_fresh_batches(data, kw, prefetch, workers, threads):
     """Over several epochs (buffers reused across shapes and epochs), a batch copied on arrival equals the
-    fresh one of a loader that assembles in the caller's thread."""
+    fresh one of a loader that assembles in the caller's thread, one thread per batch."""
     kw = dict(kw)
     devices = kw.pop("num_devices", None)
     runs = []
-    for reuse, pf, w in ((False, 0, 1), (True, prefetch, workers)):
-        loader = PackedMemmapLoader(data, batch_size=8, seed=4, prefetch=pf, workers=w)
+    for reuse, pf, w, t in ((False, 0, 1, 1), (True, prefetch, workers, threads)):
+        loader = PackedMemmapLoader(data, batch_size=8, seed=4, prefetch=pf, workers=w, threads=t)
         if devices is None:
             epochs = [[_copy(b) for b in loader.batches(**kw, reuse_buffers=reuse)] for _ in range(3)]
         else:
@@ -144,6 +144,24 @@ def test_reused_batch_valid_until_next_draw_and_read_only(data, prefetch, worker
         for key in held:  # the previous batch is intact while the next one is in hand
             np.testing.assert_array_equal(held[key], expected[i - 1][key], err_msg=key)
         held = batch
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_buffers_kept_across_epochs_and_never_shared_by_live_iterators(data, prefetch):
+    """The next epoch refills the same buffer rings (no fresh, slow-to-touch memory); an iterator that
+    is still alive keeps its own, so another iterator of the loader cannot overwrite its batch."""
+    loader = PackedMemmapLoader(data, batch_size=8, seed=2, prefetch=prefetch)
+    bases = [b["dst_idx"].base for _ in range(4) for b in loader.batches(layout="packed", reuse_buffers=True)]
+    ring = prefetch + 2  # sets per shape class: see reuse_buffers
+    assert len({id(base) for base in bases}) <= ring * len(loader.shapes(layout="packed")) < len(bases) / 2
+    it = loader.batches(layout="packed", reuse_buffers=True)
+    held = next(it)
+    kept = _copy(held)
+    for _ in loader.batches(layout="packed", reuse_buffers=True):  # a second iterator while `it` lives
+        pass
+    for key in kept:
+        np.testing.assert_array_equal(held[key], kept[key], err_msg=key)
+    it.close()
 
 
 def test_padded_layout_shapes_and_seed_format(data):
@@ -284,6 +302,10 @@ def test_worker_error_raised_in_order(data, workers):
     assert not [t for t in threading.enumerate() if t.name.startswith("packedqdc-prefetch")]
     with pytest.raises(ConfigError, match="workers must be >= 1"):
         PackedMemmapLoader(data, 8, workers=0)
+    with pytest.raises(ConfigError, match="threads must be >= 1"):
+        PackedMemmapLoader(data, 8, threads=0)
+    with pytest.raises(ConfigError, match="threads must be >= 1"):
+        PackedMemmapLoader(data, 8).batches(layout="packed", threads=0)
 
 
 def test_no_forces_no_qtot(tmp_path):

@@ -1,0 +1,504 @@
+"""Compiled batch-assembly kernels (numba): atoms, molecule fields, pair lists and padding.
+
+Each kernel fills one item: ``k`` batches of one shape back to back (k = 1 for ``batches()``,
+k = D for ``stacked_batches``). Batch ``b`` holds ``mols[lo[b]:hi[b]]`` (lo == hi: all padding).
+Sources are the dataset's arrays (memmap views, R and F flat xyz); outputs are flat too. The
+output buffers may hold an earlier item: ``marks`` (packed) or the old ``N`` (padded) say how far
+that content reaches, and only that far is padding rewritten. A fresh buffer (np.empty) is marked
+as dirty everywhere.
+
+Every kernel has two drivers over one set of helpers: ``fill_*`` runs in the calling thread;
+``fill_*_threaded`` (``parallel=True``) cuts each batch into ``threads`` runs of molecules (slots)
+of about equal work and fills them on numba's thread pool (``NUMBA_NUM_THREADS`` threads; the
+thread count is left alone: setting it per call costs more than a run of a batch). The checks that can fail run before any
+thread starts, so an error never leaves a half-written batch behind a thread. All kernels release
+the GIL and are compiled at first use, not at import (``cache=True``: later processes load them).
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+
+import numba
+import numpy as np
+from numba import prange
+
+# Cost of one atom in units of one pair when cutting a batch into equal runs: an atom is a random
+# gather of 28 bytes from three files, a pair a sequential write of 8 (measured: ~50x).
+ATOM_WORK = 48
+
+THREADSAFE_LAYERS = ("omp", "tbb")
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def within(R: np.ndarray, i: int, j: int, c2: np.float32) -> bool:
+    """Atoms ``i`` and ``j`` of ``R`` (float32 (3n,), flat xyz) closer than ``sqrt(c2)``, in float32.
+
+    The one test used both to count pairs ahead of an epoch and to build the lists, so the counts
+    and the lists always agree.
+    """
+    dx = R[3 * i] - R[3 * j]
+    dy = R[3 * i + 1] - R[3 * j + 1]
+    dz = R[3 * i + 2] - R[3 * j + 2]
+    return dx * dx + dy * dy + dz * dz < c2
+
+
+@numba.njit(cache=True, nogil=True)
+def count_within(offsets: np.ndarray, R: np.ndarray, c2: np.float32, out: np.ndarray) -> None:
+    """``out[i]`` = ordered pairs i != j of molecule ``i`` closer than ``sqrt(c2)``; R (3T,) flat, out (N,) int64."""
+    for m in range(out.shape[0]):
+        o = offsets[m]
+        n = offsets[m + 1] - o
+        count = 0
+        for d in range(n):
+            for s in range(n):
+                if s != d and within(R, o + d, o + s, c2):
+                    count += 1
+        out[m] = count
+
+
+@numba.njit(cache=True, nogil=True)
+def greedy_bounds(atoms: np.ndarray, pairs: np.ndarray, a_cap: int, p_cap: int, m_cap: int) -> np.ndarray:
+    """(n_batches + 1,) int64 bounds of the greedy cut of (L,) int64 ``atoms``/``pairs`` under the caps.
+
+    A batch takes molecules in order until the next one would pass a cap. One pass, compiled: the
+    plan of an epoch is made in well under a microsecond per batch.
+    """
+    out = np.empty(atoms.shape[0] + 1, np.int64)
+    out[0] = 0
+    n_b, a, p, m = 0, 0, 0, 0
+    for i in range(atoms.shape[0]):
+        if m > 0 and (a + atoms[i] > a_cap or p + pairs[i] > p_cap or m + 1 > m_cap):
+            n_b += 1
+            out[n_b] = i
+            a, p, m = 0, 0, 0
+        a += atoms[i]
+        p += pairs[i]
+        m += 1
+    if m > 0:
+        n_b += 1
+        out[n_b] = atoms.shape[0]
+    return out[: n_b + 1].copy()
+
+
+# --------------------------------------------------------------------------------------------
+# Per-molecule pieces
+# --------------------------------------------------------------------------------------------
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _touch(
+    i: int, offsets: np.ndarray, Zs: np.ndarray, Rs: np.ndarray, Fs: np.ndarray, Es: np.ndarray, Qs: np.ndarray
+) -> float:  # fmt: skip
+    """Load one value per cache line of molecule ``i`` and return their (meaningless) sum.
+
+    Molecules sit at random places in the files; touching all of a run's molecules before copying
+    any lets the CPU fetch their lines at once instead of one molecule after the other (about 2x
+    faster assembly).
+    """
+    o = offsets[i]
+    n = offsets[i + 1] - o
+    acc = Es[i] + (Qs[i] if Qs.shape[0] else 0.0)
+    for u in range(0, n, 16):
+        acc += Zs[o + u]
+    for u in range(0, 3 * n, 16):
+        acc += Rs[3 * o + u] + (Fs[3 * o + u] if Fs.shape[0] else 0.0)
+    return acc
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _copy_atoms(
+    o: int, n: int, a: int, Zs: np.ndarray, Rs: np.ndarray, Fs: np.ndarray,
+    Z: np.ndarray, R: np.ndarray, F: np.ndarray, atom_mask: np.ndarray,
+) -> None:  # fmt: skip
+    """Atoms ``o .. o+n`` of the sources into slots ``a .. a+n`` (F zeros when ``Fs`` is empty)."""
+    Z[a : a + n] = Zs[o : o + n]
+    R[3 * a : 3 * (a + n)] = Rs[3 * o : 3 * (o + n)]
+    if Fs.shape[0]:
+        F[3 * a : 3 * (a + n)] = Fs[3 * o : 3 * (o + n)]
+    else:
+        F[3 * a : 3 * (a + n)] = 0.0
+    atom_mask[a : a + n] = True
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _clear_atoms(lo: int, hi: int, Z: np.ndarray, R: np.ndarray, F: np.ndarray, atom_mask: np.ndarray) -> None:
+    """Padding atoms in slots ``lo .. hi`` (nothing when hi <= lo): zeros, mask False."""
+    if hi > lo:
+        Z[lo:hi] = 0
+        R[3 * lo : 3 * hi] = 0.0
+        F[3 * lo : 3 * hi] = 0.0
+        atom_mask[lo:hi] = False
+
+
+@numba.njit(cache=True, nogil=True)
+def _molecule_pairs(
+    o: int, n: int, first: int, p: int, most: int, Rs: np.ndarray, c2: np.float32, use_cutoff: bool,
+    dst: np.ndarray, src: np.ndarray,
+) -> int:  # fmt: skip
+    """Pairs of one molecule (atoms ``o .. o+n`` of ``Rs``, slots from ``first``) into ``dst``/``src`` from ``p``.
+
+    All ordered pairs i != j in rows of equal ``dst`` (``dst`` sorted, the order of
+    ``pair_templates``), or with ``use_cutoff`` only those closer than ``sqrt(c2)``, of which at
+    most ``most`` are written. Returns the molecule's pair count (more than ``most``: the data no
+    longer match the counts made ahead of the epoch). Not inlined on purpose: compiled on its own,
+    the row loops vectorise (inlined into a batch kernel they ran about 3x slower).
+    """
+    if not use_cutoff:
+        row = n - 1
+        out_d, out_s = dst[p : p + n * row], src[p : p + n * row]
+        base = np.int32(first)
+        q = 0
+        for d in range(n):
+            dd = np.int32(d)
+            for s in range(row):
+                ss = np.int32(s)
+                out_d[q + s] = base + dd
+                out_s[q + s] = base + ss + (ss >= dd)  # s, skipping d
+            q += row
+        return n * row
+    found = 0
+    for d in range(n):
+        for s in range(n):
+            if s != d and within(Rs, o + d, o + s, c2):
+                if found < most:
+                    dst[p + found] = first + d
+                    src[p + found] = first + s
+                found += 1
+    return found
+
+
+# --------------------------------------------------------------------------------------------
+# Packed layout
+# --------------------------------------------------------------------------------------------
+
+
+@numba.njit(cache=True, nogil=True)
+def _place_packed(
+    mols: np.ndarray, lo: int, hi: int, offsets: np.ndarray, counts: np.ndarray, A: int, M: int, P: int,
+    a_at: np.ndarray, p_at: np.ndarray, cuts: np.ndarray,
+) -> None:  # fmt: skip
+    """Slots of the molecules ``mols[lo:hi]`` of one packed batch, and runs of equal work.
+
+    Fills ``a_at``, ``p_at`` ((M+1,) int64): batch-local first atom and pair slot of molecule ``m``,
+    and at ``m_real`` the ends; ``cuts`` ((C+1,) int64): run ``c`` is molecules ``cuts[c]:cuts[c+1]``,
+    with about equal ``pairs + ATOM_WORK * atoms``. ``counts`` is the (N,) pair count of every
+    dataset molecule, or empty for all ordered pairs. Raises ValueError over a budget (one atom and
+    one molecule slot always stay padding).
+    """
+    m_real = hi - lo
+    if m_real > M - 1:
+        raise ValueError("batch exceeds its molecule budget")
+    a, p = 0, 0
+    for m in range(m_real):
+        i = mols[lo + m]
+        n = offsets[i + 1] - offsets[i]
+        a_at[m], p_at[m] = a, p
+        a += n
+        p += counts[i] if counts.shape[0] else n * (n - 1)
+    a_at[m_real], p_at[m_real] = a, p
+    if a > A - 1 or p > P:
+        raise ValueError("batch exceeds its atom or pair budget")
+    runs = cuts.shape[0] - 1
+    total = p + ATOM_WORK * a
+    cuts[0] = 0
+    c = 1
+    for m in range(m_real):
+        while c < runs and (p_at[m] + ATOM_WORK * a_at[m]) * runs >= total * c:
+            cuts[c] = m
+            c += 1
+    while c <= runs:
+        cuts[c] = m_real
+        c += 1
+
+
+@numba.njit(cache=True, nogil=True)
+def _fill_packed_run(
+    first: int, last: int, mols: np.ndarray, lo: int, offsets: np.ndarray,
+    Zs: np.ndarray, Rs: np.ndarray, Fs: np.ndarray, Es: np.ndarray, Qs: np.ndarray, c2: np.float32, use_cutoff: bool,
+    a_at: np.ndarray, p_at: np.ndarray, found: np.ndarray, a0: int, m0: int, p0: int,
+    Z: np.ndarray, R: np.ndarray, F: np.ndarray, atom_mask: np.ndarray, seg: np.ndarray,
+    E: np.ndarray, Qtot: np.ndarray, N: np.ndarray, mol_mask: np.ndarray, mol_idx: np.ndarray,
+    dst: np.ndarray, src: np.ndarray,
+) -> float:  # fmt: skip
+    """Molecules ``first .. last`` of the batch at ``mols[lo:]`` into the slots ``_place_packed`` gave.
+
+    ``a0``, ``m0``, ``p0``: the batch's first atom, molecule and pair slot in the item's buffers.
+    ``found[m]`` receives the pairs molecule ``m`` has (checked against ``p_at`` by the caller).
+    Returns the touch sum.
+    """
+    acc = 0.0
+    for m in range(first, last):
+        acc += _touch(mols[lo + m], offsets, Zs, Rs, Fs, Es, Qs)
+    for m in range(first, last):
+        i = mols[lo + m]
+        o = offsets[i]
+        n = offsets[i + 1] - o
+        a = a0 + a_at[m]
+        E[m0 + m] = Es[i]
+        Qtot[m0 + m] = Qs[i] if Qs.shape[0] else 0.0
+        N[m0 + m] = n
+        mol_mask[m0 + m] = True
+        mol_idx[m0 + m] = i
+        _copy_atoms(o, n, a, Zs, Rs, Fs, Z, R, F, atom_mask)
+        seg[a : a + n] = m
+        most = p_at[m + 1] - p_at[m]
+        found[m] = _molecule_pairs(o, n, a_at[m], p0 + p_at[m], most, Rs, c2, use_cutoff, dst, src)
+    return acc
+
+
+@numba.njit(cache=True, nogil=True)
+def _finish_packed(
+    b: int, m_real: int, a_at: np.ndarray, p_at: np.ndarray, found: np.ndarray, A: int, M: int, P: int,
+    Z: np.ndarray, R: np.ndarray, F: np.ndarray, atom_mask: np.ndarray, seg: np.ndarray,
+    E: np.ndarray, Qtot: np.ndarray, N: np.ndarray, mol_mask: np.ndarray, mol_idx: np.ndarray,
+    dst: np.ndarray, src: np.ndarray, pair_mask: np.ndarray, marks: np.ndarray,
+) -> None:  # fmt: skip
+    """Check the pair counts of batch ``b``, rewrite the padding its old content dirtied, update ``marks``."""
+    for m in range(m_real):
+        if found[m] != p_at[m + 1] - p_at[m]:
+            raise ValueError("a molecule's pairs within the cutoff differ from the count made for the epoch")
+    a0, m0, p0 = b * A, b * M, b * P
+    a, p = a0 + a_at[m_real], p0 + p_at[m_real]
+    fresh = marks[b, 0] < 0
+    old_a = a0 + (A if fresh else marks[b, 0])
+    old_m = m0 + (M if fresh else marks[b, 1])
+    old_p = p0 + (P if fresh else marks[b, 2])
+    _clear_atoms(a, old_a, Z, R, F, atom_mask)
+    seg[a:old_a] = M - 1
+    E[m0 + m_real : old_m] = 0.0
+    Qtot[m0 + m_real : old_m] = 0.0
+    N[m0 + m_real : old_m] = 0
+    mol_mask[m0 + m_real : old_m] = False
+    mol_idx[m0 + m_real : old_m] = -1
+    dst[p:old_p] = A - 1
+    src[p:old_p] = A - 1
+    pair_mask[p0 if fresh else old_p : p] = True  # [p0, old_p) is True already
+    pair_mask[p:old_p] = False
+    marks[b, 0], marks[b, 1], marks[b, 2] = a - a0, m_real, p - p0
+
+
+@numba.njit(cache=True, nogil=True)
+def fill_packed(
+    mols: np.ndarray, lo: np.ndarray, hi: np.ndarray, offsets: np.ndarray,
+    Zs: np.ndarray, Rs: np.ndarray, Fs: np.ndarray, Es: np.ndarray, Qs: np.ndarray,
+    c2: np.float32, use_cutoff: bool, counts: np.ndarray,
+    Z: np.ndarray, R: np.ndarray, F: np.ndarray, atom_mask: np.ndarray, seg: np.ndarray,
+    E: np.ndarray, Qtot: np.ndarray, N: np.ndarray, mol_mask: np.ndarray, mol_idx: np.ndarray,
+    dst: np.ndarray, src: np.ndarray, pair_mask: np.ndarray, marks: np.ndarray,
+) -> float:  # fmt: skip
+    """Fill ``k`` packed batches of shape (A, M, P) in place, in the calling thread; return the touch sum.
+
+    Args:
+        mols: (L,) int64 dataset indices; lo, hi: (k,) int64 bounds of each batch in ``mols``.
+        offsets: (N+1,) int64 atom offsets. Zs (T,) int32, Rs (3T,) f32, Fs (3T,) or (0,) f32,
+            Es (N,) f64, Qs (N,) or (0,) f64: the dataset (memmap views).
+        c2: float32 squared cutoff, used when ``use_cutoff``; counts: (N,) int64 pairs within it of
+            every dataset molecule (``cutoff_pair_counts``), or (0,) for all ordered pairs.
+        Z (k*A,) int32, R, F (3*k*A,) f32, atom_mask (k*A,) bool, seg (k*A,) int32,
+        E, Qtot (k*M,) f64, N (k*M,) int32, mol_mask (k*M,) bool, mol_idx (k*M,) int64,
+        dst, src (k*P,) int32, pair_mask (k*P,) bool: the outputs.
+        marks: (k, 3) int64 real atoms, molecules, pairs of the content each batch holds (-1: a
+            fresh buffer, dirty everywhere); updated.
+    """
+    k = lo.shape[0]
+    A, M, P = Z.shape[0] // k, E.shape[0] // k, dst.shape[0] // k
+    a_at, p_at = np.empty(M + 1, np.int64), np.empty(M + 1, np.int64)
+    found, cuts = np.empty(M, np.int64), np.empty(2, np.int64)
+    acc = 0.0
+    for b in range(k):
+        _place_packed(mols, lo[b], hi[b], offsets, counts, A, M, P, a_at, p_at, cuts)
+        acc += _fill_packed_run(
+            0, hi[b] - lo[b], mols, lo[b], offsets, Zs, Rs, Fs, Es, Qs, c2, use_cutoff, a_at, p_at, found,
+            b * A, b * M, b * P, Z, R, F, atom_mask, seg, E, Qtot, N, mol_mask, mol_idx, dst, src,
+        )  # fmt: skip
+        _finish_packed(
+            b, hi[b] - lo[b], a_at, p_at, found, A, M, P, Z, R, F, atom_mask, seg, E, Qtot, N, mol_mask, mol_idx,
+            dst, src, pair_mask, marks,
+        )  # fmt: skip
+    return acc
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def fill_packed_threaded(
+    mols: np.ndarray, lo: np.ndarray, hi: np.ndarray, offsets: np.ndarray,
+    Zs: np.ndarray, Rs: np.ndarray, Fs: np.ndarray, Es: np.ndarray, Qs: np.ndarray,
+    c2: np.float32, use_cutoff: bool, counts: np.ndarray,
+    Z: np.ndarray, R: np.ndarray, F: np.ndarray, atom_mask: np.ndarray, seg: np.ndarray,
+    E: np.ndarray, Qtot: np.ndarray, N: np.ndarray, mol_mask: np.ndarray, mol_idx: np.ndarray,
+    dst: np.ndarray, src: np.ndarray, pair_mask: np.ndarray, marks: np.ndarray, threads: int,
+) -> float:  # fmt: skip
+    """``fill_packed`` in ``threads`` runs of molecules of about equal work, on numba's pool."""
+    k = lo.shape[0]
+    A, M, P = Z.shape[0] // k, E.shape[0] // k, dst.shape[0] // k
+    a_at, p_at = np.empty(M + 1, np.int64), np.empty(M + 1, np.int64)
+    found, cuts = np.empty(M, np.int64), np.empty(threads + 1, np.int64)
+    acc = 0.0
+    for b in range(k):
+        _place_packed(mols, lo[b], hi[b], offsets, counts, A, M, P, a_at, p_at, cuts)
+        for c in prange(threads):
+            acc += _fill_packed_run(
+                cuts[c], cuts[c + 1], mols, lo[b], offsets, Zs, Rs, Fs, Es, Qs, c2, use_cutoff, a_at, p_at, found,
+                b * A, b * M, b * P, Z, R, F, atom_mask, seg, E, Qtot, N, mol_mask, mol_idx, dst, src,
+            )  # fmt: skip
+        _finish_packed(
+            b, hi[b] - lo[b], a_at, p_at, found, A, M, P, Z, R, F, atom_mask, seg, E, Qtot, N, mol_mask, mol_idx,
+            dst, src, pair_mask, marks,
+        )  # fmt: skip
+    return acc
+
+
+# --------------------------------------------------------------------------------------------
+# Padded layout
+# --------------------------------------------------------------------------------------------
+
+
+@numba.njit(cache=True, nogil=True)
+def _check_padded(mols: np.ndarray, lo: np.ndarray, hi: np.ndarray, offsets: np.ndarray, M: int, na: int) -> None:
+    """ValueError if a batch has more than ``M`` molecules or a molecule more than ``na`` atoms."""
+    for b in range(lo.shape[0]):
+        if hi[b] - lo[b] > M:
+            raise ValueError("batch exceeds its molecule slots")
+        for m in range(lo[b], hi[b]):
+            if offsets[mols[m] + 1] - offsets[mols[m]] > na:
+                raise ValueError("molecule larger than num_atoms")
+
+
+@numba.njit(cache=True, nogil=True)
+def _fill_padded_run(
+    first: int, last: int, mols: np.ndarray, lo: np.ndarray, hi: np.ndarray, offsets: np.ndarray,
+    Zs: np.ndarray, Rs: np.ndarray, Fs: np.ndarray, Es: np.ndarray, Qs: np.ndarray, c2: np.float32, use_cutoff: bool,
+    na: int, Z: np.ndarray, R: np.ndarray, F: np.ndarray, atom_mask: np.ndarray,
+    E: np.ndarray, Qtot: np.ndarray, N: np.ndarray, mol_mask: np.ndarray, mol_idx: np.ndarray, pair_mask: np.ndarray,
+) -> float:  # fmt: skip
+    """Slots ``first .. last`` (over all ``k`` batches) of a padded item; return the touch sum."""
+    M = N.shape[0] // lo.shape[0]
+    per = na * (na - 1)
+    acc = 0.0
+    for slot in range(first, last):
+        b, j = slot // M, slot % M
+        if j < hi[b] - lo[b]:
+            acc += _touch(mols[lo[b] + j], offsets, Zs, Rs, Fs, Es, Qs)
+    for slot in range(first, last):
+        b, j = slot // M, slot % M
+        old = N[slot]
+        n, o = 0, 0
+        if j < hi[b] - lo[b]:
+            i = mols[lo[b] + j]
+            o = offsets[i]
+            n = offsets[i + 1] - o
+            E[slot] = Es[i]
+            Qtot[slot] = Qs[i] if Qs.shape[0] else 0.0
+            mol_mask[slot] = True
+            mol_idx[slot] = i
+            _copy_atoms(o, n, slot * na, Zs, Rs, Fs, Z, R, F, atom_mask)
+        else:
+            E[slot] = 0.0
+            Qtot[slot] = 0.0
+            mol_mask[slot] = False
+            mol_idx[slot] = -1
+        N[slot] = n
+        _clear_atoms(slot * na + n, slot * na + old, Z, R, F, atom_mask)
+        top = max(n, old)  # rows and columns beyond it are False already
+        for d in range(top):
+            row = pair_mask[slot * per + d * (na - 1) : slot * per + d * (na - 1) + top - 1]
+            if d >= n:
+                row[:] = False
+            elif use_cutoff:
+                for c in range(top - 1):
+                    s = c if c < d else c + 1
+                    row[c] = s < n and within(Rs, o + d, o + s, c2)
+            else:
+                row[: n - 1] = True
+                row[n - 1 :] = False
+    return acc
+
+
+@numba.njit(cache=True, nogil=True)
+def fill_padded(
+    mols: np.ndarray, lo: np.ndarray, hi: np.ndarray, offsets: np.ndarray,
+    Zs: np.ndarray, Rs: np.ndarray, Fs: np.ndarray, Es: np.ndarray, Qs: np.ndarray, c2: np.float32, use_cutoff: bool,
+    na: int, Z: np.ndarray, R: np.ndarray, F: np.ndarray, atom_mask: np.ndarray,
+    E: np.ndarray, Qtot: np.ndarray, N: np.ndarray, mol_mask: np.ndarray, mol_idx: np.ndarray, pair_mask: np.ndarray,
+) -> float:  # fmt: skip
+    """Fill ``k`` padded batches of ``M`` slots of ``na`` atoms in place; return the touch sum.
+
+    Arguments as ``fill_packed``; there is no ``seg``, ``dst`` or ``src`` (shared constants) and no
+    ``marks``: the old ``N`` of each slot says how far its previous content reaches (a fresh buffer
+    has ``N = na``). ``pair_mask`` is (k*M*na*(na-1),): slot ``j`` owns rows ``d`` of ``na - 1``
+    entries, row ``d`` listing ``s = 0 .. na-1`` without ``d`` (the order of ``pair_templates``).
+    """
+    _check_padded(mols, lo, hi, offsets, N.shape[0] // lo.shape[0], na)
+    return _fill_padded_run(
+        0, N.shape[0], mols, lo, hi, offsets, Zs, Rs, Fs, Es, Qs, c2, use_cutoff, na, Z, R, F, atom_mask,
+        E, Qtot, N, mol_mask, mol_idx, pair_mask,
+    )  # fmt: skip
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def fill_padded_threaded(
+    mols: np.ndarray, lo: np.ndarray, hi: np.ndarray, offsets: np.ndarray,
+    Zs: np.ndarray, Rs: np.ndarray, Fs: np.ndarray, Es: np.ndarray, Qs: np.ndarray, c2: np.float32, use_cutoff: bool,
+    na: int, Z: np.ndarray, R: np.ndarray, F: np.ndarray, atom_mask: np.ndarray,
+    E: np.ndarray, Qtot: np.ndarray, N: np.ndarray, mol_mask: np.ndarray, mol_idx: np.ndarray, pair_mask: np.ndarray,
+    threads: int,
+) -> float:  # fmt: skip
+    """``fill_padded`` in ``threads`` runs of equally many slots, on numba's pool."""
+    _check_padded(mols, lo, hi, offsets, N.shape[0] // lo.shape[0], na)
+    slots = N.shape[0]
+    acc = 0.0
+    for c in prange(threads):
+        acc += _fill_padded_run(
+            c * slots // threads, (c + 1) * slots // threads, mols, lo, hi, offsets, Zs, Rs, Fs, Es, Qs, c2,
+            use_cutoff, na, Z, R, F, atom_mask, E, Qtot, N, mol_mask, mol_idx, pair_mask,
+        )  # fmt: skip
+    return acc
+
+
+# --------------------------------------------------------------------------------------------
+# Threads
+# --------------------------------------------------------------------------------------------
+
+
+@numba.njit(cache=True, parallel=True)
+def _probe(x: np.ndarray) -> None:
+    for i in prange(x.shape[0]):
+        x[i] = i
+
+
+_layer_lock = threading.Lock()
+_layer: list[str] = []  # the threading layer once probed ("" if none loads)
+
+
+def threading_layer() -> str:
+    """numba's threading layer, loading it on first call (``""`` when none can be loaded)."""
+    with _layer_lock:
+        if not _layer:
+            try:
+                _probe(np.zeros(2))
+                _layer.append(numba.threading_layer())
+            except (ValueError, RuntimeError, ImportError):
+                _layer.append("")
+        return _layer[0]
+
+
+def kernel_threads(requested: int) -> int:
+    """Threads the ``*_threaded`` kernels may use for ``requested``: at most numba's pool size, and 1
+    (the single-thread kernels) unless the threading layer is safe to enter from several Python
+    threads at once (``omp`` or ``tbb``; ``workqueue`` aborts the process when two enter it), with a
+    warning saying so.
+    """
+    threads = min(int(requested), numba.config.NUMBA_NUM_THREADS)
+    if threads <= 1:
+        return 1
+    layer = threading_layer()
+    if layer not in THREADSAFE_LAYERS:
+        warnings.warn(
+            f"packedqdc: numba's threading layer is {layer or 'unavailable'!r}, not thread-safe; "
+            "assembling each batch in one thread (install the 'tbb' package, or libgomp, for threads > 1)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return 1
+    return threads
