@@ -21,6 +21,7 @@ content of a reused buffer dirtied is rewritten.
 
 from __future__ import annotations
 
+import collections
 import functools
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -389,44 +390,72 @@ class LayoutSpec:
 
 _PADDED_OUTPUTS = ("Z", "R", "F", "atom_mask", "E", "Qtot", "N", "mol_mask", "mol_idx", "pair_mask")
 # the kernels' output arguments, in order
+_PADDED_OUTPUTS = ("Z", "R", "F", "atom_mask", "E", "Qtot", "N", "mol_mask", "mol_idx", "pair_mask")
 _PACKED_OUTPUTS = (
     "Z", "R", "F", "atom_mask", "batch_segments", "E", "Qtot", "N", "mol_mask", "mol_idx",
     "dst_idx", "src_idx", "pair_mask",
 )  # fmt: skip
 
+ITEMS_PER_CALL = 4  # items a kernel call fills when buffers are reused (at least `threads`)
 
-class _Buffers:
-    """One set of output arrays for an item of ``group`` batches of one shape, and its views.
 
-    ``arrays`` are the flat outputs the kernels write; ``views`` are the batch dict (reshaped to a
-    leading axis ``group`` when ``group > 1``), read-only when the set is reused.
+class _Ring:
+    """Buffer sets for items of ``group`` batches: ``slots`` rows per shape class, and their batch views.
+
+    ``arrays`` are the kernels' outputs as (len(shapes) * slots, group * largest size) arrays; row
+    ``c * slots + s`` is set ``s`` of class ``c`` and always serves that class, whose item uses the
+    first ``group * (A, M, P)`` entries. ``marks`` (packed) are the (rows, group, 3) extents of each
+    row's content (-1: fresh). ``views(row)`` is the batch dict of a row (leading axis ``group``
+    when ``group > 1``), read-only when the sets are reused.
     """
 
-    def __init__(self, shape: BatchShape, group: int, padded: bool, consts: dict[str, np.ndarray], reused: bool):
-        A, M, P = (group * x for x in shape)
+    def __init__(
+        self, shapes: tuple[BatchShape, ...], group: int, slots: int, padded: bool, consts: dict[str, np.ndarray],
+        reused: bool,
+    ) -> None:  # fmt: skip
+        self.shapes, self.group, self.slots = shapes, group, slots
+        self.padded, self.consts, self.reused = padded, consts, reused
+        rows = len(shapes) * slots
+        A, M, P = (group * max(s[i] for s in shapes) for i in range(3))
         self.arrays = {
-            "Z": np.empty(A, np.int32), "R": np.empty(3 * A, np.float32), "F": np.empty(3 * A, np.float32),
-            "atom_mask": np.empty(A, bool), "E": np.empty(M), "Qtot": np.empty(M), "mol_mask": np.empty(M, bool),
-            "mol_idx": np.empty(M, np.int64), "pair_mask": np.empty(P, bool),
+            "Z": np.empty((rows, A), np.int32), "R": np.empty((rows, 3 * A), np.float32),
+            "F": np.empty((rows, 3 * A), np.float32), "atom_mask": np.empty((rows, A), bool),
+            "E": np.empty((rows, M)), "Qtot": np.empty((rows, M)), "mol_mask": np.empty((rows, M), bool),
+            "mol_idx": np.empty((rows, M), np.int64), "pair_mask": np.empty((rows, P), bool),
         }  # fmt: skip
-        if padded:
-            self.arrays["N"] = np.full(M, shape.A // shape.M, np.int32)  # fresh: dirty up to num_atoms
+        if padded:  # one class
+            self.arrays["N"] = np.full((rows, M), shapes[0].A // shapes[0].M, np.int32)  # fresh: dirty up to num_atoms
         else:
-            self.arrays["N"] = np.empty(M, np.int32)
+            self.arrays["N"] = np.empty((rows, M), np.int32)
             self.arrays.update(
-                batch_segments=np.empty(A, np.int32), dst_idx=np.empty(P, np.int32), src_idx=np.empty(P, np.int32)
+                batch_segments=np.empty((rows, A), np.int32),
+                dst_idx=np.empty((rows, P), np.int32),
+                src_idx=np.empty((rows, P), np.int32),
             )
-            self.marks = np.full((group, 3), -1, dtype=np.int64)  # fresh: dirty everywhere
+            self.marks = np.empty((rows, group, 3), dtype=np.int64)
+            self.marks.fill(-1)  # fresh: dirty everywhere
         keys = _PADDED_OUTPUTS if padded else _PACKED_OUTPUTS
-        self.outputs = tuple(self.arrays[key] for key in keys) + (() if padded else (self.marks,))
-        views = {**self.arrays, **consts, "R": self.arrays["R"].reshape(A, 3), "F": self.arrays["F"].reshape(A, 3)}
-        if group > 1:
-            views = {key: _stack_view(value, group) for key, value in views.items()}
-        if reused:
-            for key in self.arrays:
-                views[key] = views[key].view()
-                views[key].setflags(write=False)
-        self.views = {key: views[key] for key in BATCH_KEYS}
+        self.outputs = tuple(self.arrays[key] for key in keys) + (() if padded else (self.marks,))  # kernel order
+        self._views: dict[int, dict[str, np.ndarray]] = {}
+
+    def views(self, row: int) -> dict[str, np.ndarray]:
+        """The batch dict of ``row`` (read-only views when reused; built once per row)."""
+        if row not in self._views:
+            if len(self.shapes) == 1:  # rows are exactly as wide as the class
+                own = {key: array[row] for key, array in self.arrays.items()}
+            else:
+                A, M, P = (self.group * x for x in self.shapes[row // self.slots])
+                size = {"Z": A, "R": 3 * A, "F": 3 * A, "atom_mask": A, "batch_segments": A, "dst_idx": P,
+                        "src_idx": P, "pair_mask": P}  # fmt: skip
+                own = {key: array[row, : size.get(key, M)] for key, array in self.arrays.items()}
+            views = {**own, **self.consts, "R": own["R"].reshape(-1, 3), "F": own["F"].reshape(-1, 3)}
+            if self.group > 1:
+                views = {key: _stack_view(value, self.group) for key, value in views.items()}
+            if self.reused:
+                for key in own:
+                    views[key].setflags(write=False)
+            self._views[row] = {key: views[key] for key in BATCH_KEYS}
+        return self._views[row]
 
 
 def _stack_view(array: np.ndarray, group: int) -> np.ndarray:
@@ -437,7 +466,7 @@ def _stack_view(array: np.ndarray, group: int) -> np.ndarray:
 
 
 class Assembler:
-    """Builds batch dicts from a packed dataset with the compiled kernels.
+    """Builds batch dicts from a packed dataset with the compiled kernels, several items per call.
 
     Args:
         ds: the packed dataset (memmaps).
@@ -445,66 +474,100 @@ class Assembler:
         spec: the layout.
         shapes: the classes of the epoch plan.
         group: batches per item (1: plain batches; D: stacked with a leading axis D).
-        ring: 0 gives every item fresh arrays; r > 0 cycles through r buffer sets per class, so an
-            item is overwritten by the r-th item of its class after it.
+        reuse: True fills items into rows of reused buffers (at most ``hold + chunk`` per class,
+            the one given back last taken first), so that an item handed out stays intact while
+            ``hold`` more are handed out and the next ``chunk`` are filled; False gives every item
+            fresh arrays (one item per call).
+        hold: see ``reuse``.
         pair_counts: packed layout with a cutoff: (N,) int64 pairs within it of every dataset
             molecule (``cutoff_pair_counts``); None otherwise.
-        threads: threads of numba's pool that fill each item (1: the calling thread alone); see
-            ``kernels.kernel_threads``.
+        threads: threads of numba's pool that fill a call's items side by side (1: the calling
+            thread alone); see ``kernels.kernel_threads``.
+
+    Attributes:
+        chunk: items per call (``assemble`` takes at most this many).
     """
 
     def __init__(
         self, ds: PackedDataset, offsets: np.ndarray, spec: LayoutSpec, shapes: tuple[BatchShape, ...],
-        group: int = 1, ring: int = 0, pair_counts: np.ndarray | None = None, threads: int = 1,
+        group: int = 1, reuse: bool = False, hold: int = 0, pair_counts: np.ndarray | None = None,
+        threads: int = 1,
     ) -> None:  # fmt: skip
         if spec.layout == "packed" and spec.cutoff is not None and pair_counts is None:
             raise ValueError("the packed layout with a cutoff needs the pair counts within it")
         self.spec = spec
         self.shapes = shapes
         self.group = group
-        self.ring = ring
+        self.reuse = reuse
         self.threads = kernel_threads(threads)
-        counts = np.zeros(0, np.int64) if spec.layout == "padded" or spec.cutoff is None else pair_counts
+        self.chunk = max(ITEMS_PER_CALL, self.threads) if reuse else 1
+        self._padded = spec.layout == "padded"
+        counts = np.zeros(0, np.int64) if self._padded or spec.cutoff is None else pair_counts
         c2 = squared_cutoff(spec.cutoff) if spec.cutoff is not None else np.float32(0.0)
         sources = (
             offsets, np.asarray(ds.Z), np.asarray(ds.R).reshape(-1),
             np.zeros(0, np.float32) if ds.F is None else np.asarray(ds.F).reshape(-1),
             np.asarray(ds.E), np.zeros(0) if ds.Qtot is None else np.asarray(ds.Qtot), c2, spec.cutoff is not None,
         )  # fmt: skip
-        if spec.layout == "padded":
+        if self._padded:
             self._inputs = (*sources, spec.num_atoms)
             self._kernel = fill_padded if self.threads == 1 else fill_padded_threaded
         else:
             self._inputs = (*sources, np.asarray(counts, dtype=np.int64))
             self._kernel = fill_packed if self.threads == 1 else fill_packed_threaded
-        self._extra = () if self.threads == 1 else (self.threads,)
-        self.consts = padded_constants(spec.num_atoms, shapes[0].M) if spec.layout == "padded" else {}
-        self._sets: list[list[_Buffers]] = [[] for _ in shapes]
-        self._next = [0] * len(shapes)
+        self.consts = padded_constants(spec.num_atoms, shapes[0].M) if self._padded else {}
+        self._shapes = np.array(shapes, dtype=np.int64).reshape(-1, 3)
+        self._hold = hold
+        self._slots = hold + self.chunk  # rows per class: all of a call's items may be of one class
+        if reuse:
+            self._ring = _Ring(shapes, group, self._slots, self._padded, self.consts, True)
+        self._one = np.zeros(1, np.int64)  # class 0, row 0: a fresh item's own one-class ring
+        self._free: list[list[int]] = [[] for _ in shapes]  # per class, rows last used first
+        self._unused = [0] * len(shapes)  # per class, rows never used so far
+        self._held: collections.deque[tuple[int, int]] = collections.deque()  # (class, row) handed out, in order
 
-    def _buffers(self, shape_id: int) -> _Buffers:
-        if self.ring == 0:
-            return self._new(shape_id)
-        sets, at = self._sets[shape_id], self._next[shape_id]
-        if len(sets) <= at:
-            sets.append(self._new(shape_id))
-        self._next[shape_id] = (at + 1) % self.ring
-        return sets[at]
+    def _take_rows(self, cls: list[int]) -> np.ndarray:
+        """(G,) int64 rows for the next items, of classes ``cls``.
 
-    def _new(self, shape_id: int) -> _Buffers:
-        padded = self.spec.layout == "padded"
-        return _Buffers(self.shapes[shape_id], self.group, padded, self.consts, self.ring > 0)
+        Of the items handed out so far, all but the last ``hold`` give their rows back; the row given
+        back last is taken first (its lines are the likeliest to be in cache), and a row never used
+        only when none is free (rows never used are never touched and cost no memory).
+        """
+        while len(self._held) > self._hold:
+            released_class, released_row = self._held.popleft()
+            self._free[released_class].append(released_row)
+        rows = np.empty(len(cls), dtype=np.int64)
+        for g, c in enumerate(cls):
+            if self._free[c]:
+                rows[g] = self._free[c].pop()
+            else:
+                rows[g] = c * self._slots + self._unused[c]
+                self._unused[c] += 1
+            self._held.append((c, int(rows[g])))
+        return rows
 
-    def assemble(self, mols: np.ndarray, lo: np.ndarray, hi: np.ndarray, shape_id: int) -> dict[str, np.ndarray]:
-        """The item of ``group`` batches ``mols[lo[b]:hi[b]]`` (lo == hi: all padding) of class ``shape_id``.
+    def assemble(self, mols: np.ndarray, lo: np.ndarray, hi: np.ndarray, shape_ids: np.ndarray) -> list[dict]:
+        """Items of batches ``mols[lo[g, b]:hi[g, b]]`` (lo == hi: all padding), item ``g`` of class ``shape_ids[g]``.
 
         Args:
             mols: (L,) int64 dataset indices of the epoch, batch after batch.
-            lo, hi: (group,) int64 bounds of each batch in ``mols``.
+            lo, hi: (G, group) int64 bounds in ``mols``; G <= ``chunk``.
+            shape_ids: (G,) class of each item.
         """
-        buf = self._buffers(shape_id)
-        self._kernel(mols, lo, hi, *self._inputs, *buf.outputs, *self._extra)
-        return dict(buf.views)
+        if self.reuse:
+            ring, shapes = self._ring, self._shapes
+            cls = np.asarray(shape_ids, dtype=np.int64)
+            row = self._take_rows(cls.tolist())
+        else:  # fresh arrays of the (single) item's class
+            c = int(shape_ids[0])
+            ring = _Ring((self.shapes[c],), self.group, 1, self._padded, self.consts, False)
+            shapes, cls, row = self._shapes[c : c + 1], self._one, self._one
+        lo, hi = np.ascontiguousarray(lo, dtype=np.int64), np.ascontiguousarray(hi, dtype=np.int64)
+        if self._padded:
+            self._kernel(mols, lo, hi, row, *self._inputs, *ring.outputs)
+        else:
+            self._kernel(mols, lo, hi, cls, row, shapes, *self._inputs, *ring.outputs)
+        return [dict(ring.views(r)) for r in row.tolist()]
 
 
 @functools.lru_cache(maxsize=8)

@@ -1,18 +1,18 @@
 """Compiled batch-assembly kernels (numba): atoms, molecule fields, pair lists and padding.
 
-Each kernel fills one item: ``k`` batches of one shape back to back (k = 1 for ``batches()``,
-k = D for ``stacked_batches``). Batch ``b`` holds ``mols[lo[b]:hi[b]]`` (lo == hi: all padding).
-Sources are the dataset's arrays (memmap views, R and F flat xyz); outputs are flat too. The
-output buffers may hold an earlier item: ``marks`` (packed) or the old ``N`` (padded) say how far
-that content reaches, and only that far is padding rewritten. A fresh buffer (np.empty) is marked
-as dirty everywhere.
+An item is ``k`` batches of one shape class back to back (k = 1 for ``batches()``, k = D for
+``stacked_batches``); batch ``b`` holds ``mols[lo:hi]`` (lo == hi: all padding). A kernel call
+fills ``G`` items, each into one row of its class's output arrays (a ring of reused buffer sets).
+Sources are the dataset's arrays (memmap views, R and F flat xyz); outputs are flat per row. A row
+may hold an earlier item: ``marks`` (packed) or the old ``N`` (padded) say how far that content
+reaches, and only that far is padding rewritten; a fresh row is marked as dirty everywhere.
 
-Every kernel has two drivers over one set of helpers: ``fill_*`` runs in the calling thread;
-``fill_*_threaded`` (``parallel=True``) cuts each batch into ``threads`` runs of molecules (slots)
-of about equal work and fills them on numba's thread pool (``NUMBA_NUM_THREADS`` threads; the
-thread count is left alone: setting it per call costs more than a run of a batch). The checks that can fail run before any
-thread starts, so an error never leaves a half-written batch behind a thread. All kernels release
-the GIL and are compiled at first use, not at import (``cache=True``: later processes load them).
+Every kernel has two drivers over the same helpers: ``fill_*`` fills the items one after the other
+in the calling thread; ``fill_*_threaded`` (``parallel=True``) fills them side by side on numba's
+thread pool (``NUMBA_NUM_THREADS`` threads). Filling several items per call spreads the fixed cost
+of a call (argument checks, a parallel region) over them. The checks that can fail run before any
+item is written. All kernels release the GIL and are compiled at first use, not at import
+(``cache=True``: later processes load them).
 """
 
 from __future__ import annotations
@@ -23,10 +23,6 @@ import warnings
 import numba
 import numpy as np
 from numba import prange
-
-# Cost of one atom in units of one pair when cutting a batch into equal runs: an atom is a random
-# gather of 28 bytes from three files, a pair a sequential write of 8 (measured: ~50x).
-ATOM_WORK = 48
 
 THREADSAFE_LAYERS = ("omp", "tbb")
 
@@ -171,21 +167,27 @@ def _molecule_pairs(
 
 # --------------------------------------------------------------------------------------------
 # Packed layout
+#
+# Drivers fill ``G`` items per call: item ``g`` (``k`` batches, ``lo[g]``/``hi[g]``) of class
+# ``cls[g]``, shape ``shapes[cls[g]]`` = (A, M, P), goes into row ``row[g]`` of the outputs: 2-D
+# arrays (rows, k * largest size) of which it uses the first k * A (M, P) entries (a row always
+# serves one class); ``marks`` is (rows, k, 3). Budgets are checked for every item before anything
+# is written; items are then filled one after the other (``fill_*``) or side by side on numba's
+# thread pool (``fill_*_threaded``).
 # --------------------------------------------------------------------------------------------
 
 
 @numba.njit(cache=True, nogil=True)
 def _place_packed(
     mols: np.ndarray, lo: int, hi: int, offsets: np.ndarray, counts: np.ndarray, A: int, M: int, P: int,
-    a_at: np.ndarray, p_at: np.ndarray, cuts: np.ndarray,
+    a_at: np.ndarray, p_at: np.ndarray,
 ) -> None:  # fmt: skip
-    """Slots of the molecules ``mols[lo:hi]`` of one packed batch, and runs of equal work.
+    """Slots of the molecules ``mols[lo:hi]`` of one packed batch of shape (A, M, P).
 
-    Fills ``a_at``, ``p_at`` ((M+1,) int64): batch-local first atom and pair slot of molecule ``m``,
-    and at ``m_real`` the ends; ``cuts`` ((C+1,) int64): run ``c`` is molecules ``cuts[c]:cuts[c+1]``,
-    with about equal ``pairs + ATOM_WORK * atoms``. ``counts`` is the (N,) pair count of every
-    dataset molecule, or empty for all ordered pairs. Raises ValueError over a budget (one atom and
-    one molecule slot always stay padding).
+    Fills ``a_at``, ``p_at``: batch-local first atom and pair slot of molecule ``m``, and at
+    ``m_real`` the ends. ``counts`` is the (N,) pair count of every dataset molecule, or empty for
+    all ordered pairs. Raises ValueError over a budget (one atom and one molecule slot always stay
+    padding).
     """
     m_real = hi - lo
     if m_real > M - 1:
@@ -200,38 +202,31 @@ def _place_packed(
     a_at[m_real], p_at[m_real] = a, p
     if a > A - 1 or p > P:
         raise ValueError("batch exceeds its atom or pair budget")
-    runs = cuts.shape[0] - 1
-    total = p + ATOM_WORK * a
-    cuts[0] = 0
-    c = 1
-    for m in range(m_real):
-        while c < runs and (p_at[m] + ATOM_WORK * a_at[m]) * runs >= total * c:
-            cuts[c] = m
-            c += 1
-    while c <= runs:
-        cuts[c] = m_real
-        c += 1
 
 
 @numba.njit(cache=True, nogil=True)
-def _fill_packed_run(
-    first: int, last: int, mols: np.ndarray, lo: int, offsets: np.ndarray,
+def _fill_packed_batch(
+    mols: np.ndarray, lo: int, hi: int, offsets: np.ndarray,
     Zs: np.ndarray, Rs: np.ndarray, Fs: np.ndarray, Es: np.ndarray, Qs: np.ndarray, c2: np.float32, use_cutoff: bool,
-    a_at: np.ndarray, p_at: np.ndarray, found: np.ndarray, a0: int, m0: int, p0: int,
+    a_at: np.ndarray, p_at: np.ndarray, found: np.ndarray, b: int,
     Z: np.ndarray, R: np.ndarray, F: np.ndarray, atom_mask: np.ndarray, seg: np.ndarray,
     E: np.ndarray, Qtot: np.ndarray, N: np.ndarray, mol_mask: np.ndarray, mol_idx: np.ndarray,
-    dst: np.ndarray, src: np.ndarray,
+    dst: np.ndarray, src: np.ndarray, pair_mask: np.ndarray, marks: np.ndarray,
 ) -> float:  # fmt: skip
-    """Molecules ``first .. last`` of the batch at ``mols[lo:]`` into the slots ``_place_packed`` gave.
+    """Batch ``b`` of an item (flat outputs of ``k`` batches) into the slots ``_place_packed`` gave.
 
-    ``a0``, ``m0``, ``p0``: the batch's first atom, molecule and pair slot in the item's buffers.
-    ``found[m]`` receives the pairs molecule ``m`` has (checked against ``p_at`` by the caller).
-    Returns the touch sum.
+    Writes the molecules, then rewrites the padding that the old content (``marks[b]``) dirtied and
+    updates ``marks[b]``. ``found[m]`` receives the pairs molecule ``m`` has, for the caller to
+    check against ``p_at``. Returns the touch sum.
     """
+    k = marks.shape[0]
+    A, M, P = Z.shape[0] // k, E.shape[0] // k, dst.shape[0] // k
+    a0, m0, p0 = b * A, b * M, b * P
+    m_real = hi - lo
     acc = 0.0
-    for m in range(first, last):
+    for m in range(m_real):
         acc += _touch(mols[lo + m], offsets, Zs, Rs, Fs, Es, Qs)
-    for m in range(first, last):
+    for m in range(m_real):
         i = mols[lo + m]
         o = offsets[i]
         n = offsets[i + 1] - o
@@ -245,21 +240,6 @@ def _fill_packed_run(
         seg[a : a + n] = m
         most = p_at[m + 1] - p_at[m]
         found[m] = _molecule_pairs(o, n, a_at[m], p0 + p_at[m], most, Rs, c2, use_cutoff, dst, src)
-    return acc
-
-
-@numba.njit(cache=True, nogil=True)
-def _finish_packed(
-    b: int, m_real: int, a_at: np.ndarray, p_at: np.ndarray, found: np.ndarray, A: int, M: int, P: int,
-    Z: np.ndarray, R: np.ndarray, F: np.ndarray, atom_mask: np.ndarray, seg: np.ndarray,
-    E: np.ndarray, Qtot: np.ndarray, N: np.ndarray, mol_mask: np.ndarray, mol_idx: np.ndarray,
-    dst: np.ndarray, src: np.ndarray, pair_mask: np.ndarray, marks: np.ndarray,
-) -> None:  # fmt: skip
-    """Check the pair counts of batch ``b``, rewrite the padding its old content dirtied, update ``marks``."""
-    for m in range(m_real):
-        if found[m] != p_at[m + 1] - p_at[m]:
-            raise ValueError("a molecule's pairs within the cutoff differ from the count made for the epoch")
-    a0, m0, p0 = b * A, b * M, b * P
     a, p = a0 + a_at[m_real], p0 + p_at[m_real]
     fresh = marks[b, 0] < 0
     old_a = a0 + (A if fresh else marks[b, 0])
@@ -277,110 +257,157 @@ def _finish_packed(
     pair_mask[p0 if fresh else old_p : p] = True  # [p0, old_p) is True already
     pair_mask[p:old_p] = False
     marks[b, 0], marks[b, 1], marks[b, 2] = a - a0, m_real, p - p0
+    return acc
+
+
+@numba.njit(cache=True, nogil=True)
+def _place_packed_items(
+    mols: np.ndarray, lo: np.ndarray, hi: np.ndarray, cls: np.ndarray, shapes: np.ndarray, offsets: np.ndarray,
+    counts: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """Check and place every batch of every item: (a_at, p_at (G, k, M+1), found (G, k, M)) int64."""
+    G, k = lo.shape
+    m_most = shapes[:, 1].max()
+    a_at = np.empty((G, k, m_most + 1), np.int64)
+    p_at = np.empty((G, k, m_most + 1), np.int64)
+    for g in range(G):
+        A, M, P = shapes[cls[g], 0], shapes[cls[g], 1], shapes[cls[g], 2]
+        for b in range(k):
+            _place_packed(mols, lo[g, b], hi[g, b], offsets, counts, A, M, P, a_at[g, b], p_at[g, b])
+    return a_at, p_at, np.empty((G, k, m_most), np.int64)
+
+
+@numba.njit(cache=True, nogil=True)
+def _fill_packed_item(
+    g: int, mols: np.ndarray, lo: np.ndarray, hi: np.ndarray, cls: np.ndarray, row: np.ndarray,
+    shapes: np.ndarray, offsets: np.ndarray, Zs: np.ndarray, Rs: np.ndarray, Fs: np.ndarray, Es: np.ndarray,
+    Qs: np.ndarray, c2: np.float32, use_cutoff: bool, a_at: np.ndarray, p_at: np.ndarray, found: np.ndarray,
+    Z: np.ndarray, R: np.ndarray, F: np.ndarray, atom_mask: np.ndarray, seg: np.ndarray,
+    E: np.ndarray, Qtot: np.ndarray, N: np.ndarray, mol_mask: np.ndarray, mol_idx: np.ndarray,
+    dst: np.ndarray, src: np.ndarray, pair_mask: np.ndarray, marks: np.ndarray,
+) -> float:  # fmt: skip
+    """All ``k`` batches of item ``g`` into the first k * (A, M, P) entries of row ``row[g]``; return the touch sum."""
+    k = lo.shape[1]
+    r = row[g]
+    A, M, P = k * shapes[cls[g], 0], k * shapes[cls[g], 1], k * shapes[cls[g], 2]
+    acc = 0.0
+    for b in range(k):
+        acc += _fill_packed_batch(
+            mols, lo[g, b], hi[g, b], offsets, Zs, Rs, Fs, Es, Qs, c2, use_cutoff, a_at[g, b], p_at[g, b],
+            found[g, b], b, Z[r, :A], R[r, : 3 * A], F[r, : 3 * A], atom_mask[r, :A], seg[r, :A], E[r, :M],
+            Qtot[r, :M], N[r, :M], mol_mask[r, :M], mol_idx[r, :M], dst[r, :P], src[r, :P], pair_mask[r, :P],
+            marks[r],
+        )  # fmt: skip
+    return acc
+
+
+@numba.njit(cache=True, nogil=True)
+def _check_found(lo: np.ndarray, hi: np.ndarray, p_at: np.ndarray, found: np.ndarray) -> None:
+    """ValueError if a molecule's pairs within the cutoff differ from the count the plan used."""
+    G, k = lo.shape
+    for g in range(G):
+        for b in range(k):
+            for m in range(hi[g, b] - lo[g, b]):
+                if found[g, b, m] != p_at[g, b, m + 1] - p_at[g, b, m]:
+                    raise ValueError("a molecule's pairs within the cutoff differ from the count made for the epoch")
 
 
 @numba.njit(cache=True, nogil=True)
 def fill_packed(
-    mols: np.ndarray, lo: np.ndarray, hi: np.ndarray, offsets: np.ndarray,
-    Zs: np.ndarray, Rs: np.ndarray, Fs: np.ndarray, Es: np.ndarray, Qs: np.ndarray,
+    mols: np.ndarray, lo: np.ndarray, hi: np.ndarray, cls: np.ndarray, row: np.ndarray, shapes: np.ndarray,
+    offsets: np.ndarray, Zs: np.ndarray, Rs: np.ndarray, Fs: np.ndarray, Es: np.ndarray, Qs: np.ndarray,
     c2: np.float32, use_cutoff: bool, counts: np.ndarray,
     Z: np.ndarray, R: np.ndarray, F: np.ndarray, atom_mask: np.ndarray, seg: np.ndarray,
     E: np.ndarray, Qtot: np.ndarray, N: np.ndarray, mol_mask: np.ndarray, mol_idx: np.ndarray,
     dst: np.ndarray, src: np.ndarray, pair_mask: np.ndarray, marks: np.ndarray,
 ) -> float:  # fmt: skip
-    """Fill ``k`` packed batches of shape (A, M, P) in place, in the calling thread; return the touch sum.
+    """Fill ``G`` packed items in place, one after the other; return the (meaningless) touch sum.
 
     Args:
-        mols: (L,) int64 dataset indices; lo, hi: (k,) int64 bounds of each batch in ``mols``.
+        mols: (L,) int64 dataset indices; lo, hi: (G, k) int64 bounds in ``mols`` of batch ``b`` of
+            item ``g``; cls, row: (G,) int64 class and output row of each item; shapes: (C, 3)
+            int64 (A, M, P) of each class.
         offsets: (N+1,) int64 atom offsets. Zs (T,) int32, Rs (3T,) f32, Fs (3T,) or (0,) f32,
             Es (N,) f64, Qs (N,) or (0,) f64: the dataset (memmap views).
         c2: float32 squared cutoff, used when ``use_cutoff``; counts: (N,) int64 pairs within it of
             every dataset molecule (``cutoff_pair_counts``), or (0,) for all ordered pairs.
-        Z (k*A,) int32, R, F (3*k*A,) f32, atom_mask (k*A,) bool, seg (k*A,) int32,
-        E, Qtot (k*M,) f64, N (k*M,) int32, mol_mask (k*M,) bool, mol_idx (k*M,) int64,
-        dst, src (k*P,) int32, pair_mask (k*P,) bool: the outputs.
-        marks: (k, 3) int64 real atoms, molecules, pairs of the content each batch holds (-1: a
-            fresh buffer, dirty everywhere); updated.
+        Z .. pair_mask: (rows, k * largest size) outputs: Z int32 and R, F f32 (3 per atom),
+            atom_mask bool, seg int32 (size A); E, Qtot f64, N int32, mol_mask bool, mol_idx int64
+            (size M); dst, src int32, pair_mask bool (size P).
+        marks: (rows, k, 3) int64 real atoms, molecules, pairs of the content each batch of each row
+            holds (-1: a fresh row, dirty everywhere); updated.
     """
-    k = lo.shape[0]
-    A, M, P = Z.shape[0] // k, E.shape[0] // k, dst.shape[0] // k
-    a_at, p_at = np.empty(M + 1, np.int64), np.empty(M + 1, np.int64)
-    found, cuts = np.empty(M, np.int64), np.empty(2, np.int64)
+    a_at, p_at, found = _place_packed_items(mols, lo, hi, cls, shapes, offsets, counts)
     acc = 0.0
-    for b in range(k):
-        _place_packed(mols, lo[b], hi[b], offsets, counts, A, M, P, a_at, p_at, cuts)
-        acc += _fill_packed_run(
-            0, hi[b] - lo[b], mols, lo[b], offsets, Zs, Rs, Fs, Es, Qs, c2, use_cutoff, a_at, p_at, found,
-            b * A, b * M, b * P, Z, R, F, atom_mask, seg, E, Qtot, N, mol_mask, mol_idx, dst, src,
+    for g in range(lo.shape[0]):
+        acc += _fill_packed_item(
+            g, mols, lo, hi, cls, row, shapes, offsets, Zs, Rs, Fs, Es, Qs, c2, use_cutoff, a_at, p_at, found,
+            Z, R, F, atom_mask, seg, E, Qtot, N, mol_mask, mol_idx, dst, src, pair_mask, marks,
         )  # fmt: skip
-        _finish_packed(
-            b, hi[b] - lo[b], a_at, p_at, found, A, M, P, Z, R, F, atom_mask, seg, E, Qtot, N, mol_mask, mol_idx,
-            dst, src, pair_mask, marks,
-        )  # fmt: skip
+    _check_found(lo, hi, p_at, found)
     return acc
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
 def fill_packed_threaded(
-    mols: np.ndarray, lo: np.ndarray, hi: np.ndarray, offsets: np.ndarray,
-    Zs: np.ndarray, Rs: np.ndarray, Fs: np.ndarray, Es: np.ndarray, Qs: np.ndarray,
+    mols: np.ndarray, lo: np.ndarray, hi: np.ndarray, cls: np.ndarray, row: np.ndarray, shapes: np.ndarray,
+    offsets: np.ndarray, Zs: np.ndarray, Rs: np.ndarray, Fs: np.ndarray, Es: np.ndarray, Qs: np.ndarray,
     c2: np.float32, use_cutoff: bool, counts: np.ndarray,
     Z: np.ndarray, R: np.ndarray, F: np.ndarray, atom_mask: np.ndarray, seg: np.ndarray,
     E: np.ndarray, Qtot: np.ndarray, N: np.ndarray, mol_mask: np.ndarray, mol_idx: np.ndarray,
-    dst: np.ndarray, src: np.ndarray, pair_mask: np.ndarray, marks: np.ndarray, threads: int,
+    dst: np.ndarray, src: np.ndarray, pair_mask: np.ndarray, marks: np.ndarray,
 ) -> float:  # fmt: skip
-    """``fill_packed`` in ``threads`` runs of molecules of about equal work, on numba's pool."""
-    k = lo.shape[0]
-    A, M, P = Z.shape[0] // k, E.shape[0] // k, dst.shape[0] // k
-    a_at, p_at = np.empty(M + 1, np.int64), np.empty(M + 1, np.int64)
-    found, cuts = np.empty(M, np.int64), np.empty(threads + 1, np.int64)
+    """``fill_packed`` with the items side by side on numba's thread pool."""
+    a_at, p_at, found = _place_packed_items(mols, lo, hi, cls, shapes, offsets, counts)
     acc = 0.0
-    for b in range(k):
-        _place_packed(mols, lo[b], hi[b], offsets, counts, A, M, P, a_at, p_at, cuts)
-        for c in prange(threads):
-            acc += _fill_packed_run(
-                cuts[c], cuts[c + 1], mols, lo[b], offsets, Zs, Rs, Fs, Es, Qs, c2, use_cutoff, a_at, p_at, found,
-                b * A, b * M, b * P, Z, R, F, atom_mask, seg, E, Qtot, N, mol_mask, mol_idx, dst, src,
-            )  # fmt: skip
-        _finish_packed(
-            b, hi[b] - lo[b], a_at, p_at, found, A, M, P, Z, R, F, atom_mask, seg, E, Qtot, N, mol_mask, mol_idx,
-            dst, src, pair_mask, marks,
+    for g in prange(lo.shape[0]):
+        acc += _fill_packed_item(
+            g, mols, lo, hi, cls, row, shapes, offsets, Zs, Rs, Fs, Es, Qs, c2, use_cutoff, a_at, p_at, found,
+            Z, R, F, atom_mask, seg, E, Qtot, N, mol_mask, mol_idx, dst, src, pair_mask, marks,
         )  # fmt: skip
+    _check_found(lo, hi, p_at, found)
     return acc
 
 
 # --------------------------------------------------------------------------------------------
-# Padded layout
+# Padded layout (one class: the outputs are one 2-D array each, no marks)
 # --------------------------------------------------------------------------------------------
 
 
 @numba.njit(cache=True, nogil=True)
 def _check_padded(mols: np.ndarray, lo: np.ndarray, hi: np.ndarray, offsets: np.ndarray, M: int, na: int) -> None:
     """ValueError if a batch has more than ``M`` molecules or a molecule more than ``na`` atoms."""
-    for b in range(lo.shape[0]):
-        if hi[b] - lo[b] > M:
-            raise ValueError("batch exceeds its molecule slots")
-        for m in range(lo[b], hi[b]):
-            if offsets[mols[m] + 1] - offsets[mols[m]] > na:
-                raise ValueError("molecule larger than num_atoms")
+    G, k = lo.shape
+    for g in range(G):
+        for b in range(k):
+            if hi[g, b] - lo[g, b] > M:
+                raise ValueError("batch exceeds its molecule slots")
+            for m in range(lo[g, b], hi[g, b]):
+                if offsets[mols[m] + 1] - offsets[mols[m]] > na:
+                    raise ValueError("molecule larger than num_atoms")
 
 
 @numba.njit(cache=True, nogil=True)
-def _fill_padded_run(
-    first: int, last: int, mols: np.ndarray, lo: np.ndarray, hi: np.ndarray, offsets: np.ndarray,
+def _fill_padded_item(
+    mols: np.ndarray, lo: np.ndarray, hi: np.ndarray, offsets: np.ndarray,
     Zs: np.ndarray, Rs: np.ndarray, Fs: np.ndarray, Es: np.ndarray, Qs: np.ndarray, c2: np.float32, use_cutoff: bool,
     na: int, Z: np.ndarray, R: np.ndarray, F: np.ndarray, atom_mask: np.ndarray,
     E: np.ndarray, Qtot: np.ndarray, N: np.ndarray, mol_mask: np.ndarray, mol_idx: np.ndarray, pair_mask: np.ndarray,
 ) -> float:  # fmt: skip
-    """Slots ``first .. last`` (over all ``k`` batches) of a padded item; return the touch sum."""
+    """One item (``k`` batches, bounds lo, hi (k,)) into its flat outputs; return the touch sum.
+
+    The old ``N`` of each slot says how far its previous content reaches (a fresh row has
+    ``N = na``). ``pair_mask`` is (k*M*na*(na-1),): slot ``j`` owns rows ``d`` of ``na - 1``
+    entries, row ``d`` listing ``s = 0 .. na-1`` without ``d`` (the order of ``pair_templates``).
+    """
     M = N.shape[0] // lo.shape[0]
     per = na * (na - 1)
     acc = 0.0
-    for slot in range(first, last):
+    for slot in range(N.shape[0]):
         b, j = slot // M, slot % M
         if j < hi[b] - lo[b]:
             acc += _touch(mols[lo[b] + j], offsets, Zs, Rs, Fs, Es, Qs)
-    for slot in range(first, last):
+    for slot in range(N.shape[0]):
         b, j = slot // M, slot % M
         old = N[slot]
         n, o = 0, 0
@@ -417,41 +444,43 @@ def _fill_padded_run(
 
 @numba.njit(cache=True, nogil=True)
 def fill_padded(
-    mols: np.ndarray, lo: np.ndarray, hi: np.ndarray, offsets: np.ndarray,
+    mols: np.ndarray, lo: np.ndarray, hi: np.ndarray, slot: np.ndarray, offsets: np.ndarray,
     Zs: np.ndarray, Rs: np.ndarray, Fs: np.ndarray, Es: np.ndarray, Qs: np.ndarray, c2: np.float32, use_cutoff: bool,
     na: int, Z: np.ndarray, R: np.ndarray, F: np.ndarray, atom_mask: np.ndarray,
     E: np.ndarray, Qtot: np.ndarray, N: np.ndarray, mol_mask: np.ndarray, mol_idx: np.ndarray, pair_mask: np.ndarray,
 ) -> float:  # fmt: skip
-    """Fill ``k`` padded batches of ``M`` slots of ``na`` atoms in place; return the touch sum.
+    """Fill ``G`` padded items of ``k`` batches of ``M`` slots of ``na`` atoms, one after the other.
 
-    Arguments as ``fill_packed``; there is no ``seg``, ``dst`` or ``src`` (shared constants) and no
-    ``marks``: the old ``N`` of each slot says how far its previous content reaches (a fresh buffer
-    has ``N = na``). ``pair_mask`` is (k*M*na*(na-1),): slot ``j`` owns rows ``d`` of ``na - 1``
-    entries, row ``d`` listing ``s = 0 .. na-1`` without ``d`` (the order of ``pair_templates``).
+    Arguments as ``fill_packed`` (no class: one shape), with (slots, k * size) outputs and no
+    ``seg``, ``dst``, ``src`` (shared constants) or ``marks`` (the old ``N`` says how far a slot's
+    content reaches). Returns the touch sum.
     """
-    _check_padded(mols, lo, hi, offsets, N.shape[0] // lo.shape[0], na)
-    return _fill_padded_run(
-        0, N.shape[0], mols, lo, hi, offsets, Zs, Rs, Fs, Es, Qs, c2, use_cutoff, na, Z, R, F, atom_mask,
-        E, Qtot, N, mol_mask, mol_idx, pair_mask,
-    )  # fmt: skip
+    _check_padded(mols, lo, hi, offsets, N.shape[1] // lo.shape[1], na)
+    acc = 0.0
+    for g in range(lo.shape[0]):
+        s = slot[g]
+        acc += _fill_padded_item(
+            mols, lo[g], hi[g], offsets, Zs, Rs, Fs, Es, Qs, c2, use_cutoff, na, Z[s], R[s], F[s], atom_mask[s],
+            E[s], Qtot[s], N[s], mol_mask[s], mol_idx[s], pair_mask[s],
+        )  # fmt: skip
+    return acc
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
 def fill_padded_threaded(
-    mols: np.ndarray, lo: np.ndarray, hi: np.ndarray, offsets: np.ndarray,
+    mols: np.ndarray, lo: np.ndarray, hi: np.ndarray, slot: np.ndarray, offsets: np.ndarray,
     Zs: np.ndarray, Rs: np.ndarray, Fs: np.ndarray, Es: np.ndarray, Qs: np.ndarray, c2: np.float32, use_cutoff: bool,
     na: int, Z: np.ndarray, R: np.ndarray, F: np.ndarray, atom_mask: np.ndarray,
     E: np.ndarray, Qtot: np.ndarray, N: np.ndarray, mol_mask: np.ndarray, mol_idx: np.ndarray, pair_mask: np.ndarray,
-    threads: int,
 ) -> float:  # fmt: skip
-    """``fill_padded`` in ``threads`` runs of equally many slots, on numba's pool."""
-    _check_padded(mols, lo, hi, offsets, N.shape[0] // lo.shape[0], na)
-    slots = N.shape[0]
+    """``fill_padded`` with the items side by side on numba's thread pool."""
+    _check_padded(mols, lo, hi, offsets, N.shape[1] // lo.shape[1], na)
     acc = 0.0
-    for c in prange(threads):
-        acc += _fill_padded_run(
-            c * slots // threads, (c + 1) * slots // threads, mols, lo, hi, offsets, Zs, Rs, Fs, Es, Qs, c2,
-            use_cutoff, na, Z, R, F, atom_mask, E, Qtot, N, mol_mask, mol_idx, pair_mask,
+    for g in prange(lo.shape[0]):
+        s = slot[g]
+        acc += _fill_padded_item(
+            mols, lo[g], hi[g], offsets, Zs, Rs, Fs, Es, Qs, c2, use_cutoff, na, Z[s], R[s], F[s], atom_mask[s],
+            E[s], Qtot[s], N[s], mol_mask[s], mol_idx[s], pair_mask[s],
         )  # fmt: skip
     return acc
 

@@ -55,9 +55,9 @@ class PackedMemmapLoader:
         prefetch: batches assembled ahead in background threads; 0 assembles in the caller.
         workers: threads assembling batches when ``prefetch`` > 0 (the kernels release the GIL);
             worker ``w`` builds batches ``w, w + workers, ...`` and the order is unchanged.
-        threads: threads of numba's pool that fill each batch together (1: the assembling thread
-            alone). Fastest on many cores; needs numba's ``omp`` or ``tbb`` threading layer (else
-            one thread, with a warning).
+        threads: threads of numba's pool that fill batches side by side (each kernel call fills
+            ``max(4, threads)`` batches when buffers are reused); 1: the assembling thread alone.
+            Needs numba's ``omp`` or ``tbb`` threading layer (else one thread, with a warning).
         process_index, process_count: this process's shard (see ``shard``).
 
     Attributes:
@@ -367,14 +367,14 @@ class PackedMemmapLoader:
             prefetch: batches assembled ahead in background threads (default: the loader's).
             transfer: applied to each batch in the background thread, e.g. ``jax.device_put``.
             reuse_buffers: False (default): every batch has its own arrays, safe to keep. True:
-                batches are read-only views of a small ring of buffers per shape class
-                (``prefetch + 2`` sets), which later batches overwrite: a batch stays valid until
+                batches are read-only views of reused buffers (a few sets per shape class, see
+                ``docs/loader.md``), which later batches overwrite: a batch stays valid until
                 one more batch has been drawn (until the next ``next()``); copy what you keep
-                longer. Much faster: no page faults on fresh memory, and only the padding that
-                the previous content dirtied is rewritten.
+                longer. Much faster: no page faults on fresh memory, only the padding that the
+                previous content dirtied is rewritten, and several batches are filled per call.
             workers: assembly threads when ``prefetch`` > 0 (default: the loader's); each has its
                 own buffers, and batches still come in order.
-            threads: threads of numba's pool that fill each batch together (default: the loader's).
+            threads: threads of numba's pool that fill batches side by side (default: the loader's).
 
         Raises:
             ConfigError: at the call, before any batch, e.g. a molecule larger than ``num_atoms``.
@@ -428,22 +428,25 @@ class PackedMemmapLoader:
         depth = max(self.prefetch if prefetch is None else int(prefetch), 0)
         n_workers = max(self.workers if workers is None else int(workers), 1) if depth else 1
         per_worker = -(-depth // n_workers)
-        # per worker: its queue holds `per_worker` items, the consumer one, and VALID_DRAWS more stay untouched
-        ring = per_worker + 1 + VALID_DRAWS if reuse_buffers else 0
+        # items handed out that must stay intact while a worker fills its next ones: its queue, and
+        # VALID_DRAWS in the consumer's hands
+        hold = per_worker + VALID_DRAWS
         first, last = plan.bounds[steps], plan.bounds[steps + 1]  # (n_steps, num_devices) bounds in plan.mols
         n_threads = self.threads if threads is None else int(threads)
         if n_threads < 1:
             raise ConfigError(f"threads must be >= 1, got {threads}")
         pair_counts = self._pair_counts.get(spec.cutoff) if spec.cutoff is not None else None  # filled by _plan
-
-        key = (spec, plan.shapes, num_devices, ring, n_threads)
+        key = (spec, plan.shapes, num_devices, reuse_buffers, hold, n_threads)
 
         def produce(worker: int) -> Iterator[Batch]:
             assembler = self._take_assembler(key, pair_counts)
             try:
-                for step in range(start + worker, steps.shape[0], n_workers):
-                    item = assembler.assemble(plan.mols, first[step], last[step], int(shape_ids[step]))
-                    yield item if convert is None else convert(item)
+                mine = range(start + worker, steps.shape[0], n_workers)
+                for at in range(0, len(mine), assembler.chunk):
+                    ids = mine[at : at + assembler.chunk]
+                    rows = slice(ids.start, ids.stop, ids.step)
+                    for item in assembler.assemble(plan.mols, first[rows], last[rows], shape_ids[rows]):
+                        yield item if convert is None else convert(item)
             finally:
                 self._assemblers.setdefault(key, []).append(assembler)
 
@@ -451,7 +454,7 @@ class PackedMemmapLoader:
         return self._track(epoch, prefetched(sources, per_worker, transfer))
 
     def _take_assembler(self, key: tuple, pair_counts: np.ndarray | None) -> Assembler:
-        """An idle assembler of ``key`` (spec, shapes, devices, ring, threads), or a new one.
+        """An idle assembler of ``key`` (spec, shapes, devices, reuse, hold, threads), or a new one.
 
         Assemblers (and their buffer rings, whose first touch is slow) live from epoch to epoch;
         one iterator holds one at a time, so two live iterators never share buffers.
@@ -459,8 +462,8 @@ class PackedMemmapLoader:
         try:
             return self._assemblers.get(key, []).pop()
         except IndexError:
-            spec, shapes, devices, ring, threads = key
-            return Assembler(self.dataset, self._offsets, spec, shapes, devices, ring, pair_counts, threads)
+            spec, shapes, devices, reuse, hold, threads = key
+            return Assembler(self.dataset, self._offsets, spec, shapes, devices, reuse, hold, pair_counts, threads)
 
     def _track(self, epoch: int, items: Iterator[Batch]) -> Iterator[Batch]:
         try:

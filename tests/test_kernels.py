@@ -22,13 +22,15 @@ def dataset(seed=0, n_mol=60, hi=40):
     )  # fmt: skip
 
 
-def packed_outputs(shape: BatchShape, k: int):
-    A, M, P = (k * x for x in shape)
+def packed_outputs(shapes: list[BatchShape], k: int, rows: int) -> list[np.ndarray]:
+    """The packed kernels' outputs: (rows, k * largest size) arrays and (rows, k, 3) marks."""
+    A, M, P = (k * max(s[i] for s in shapes) for i in range(3))
     return [
-        np.empty(A, np.int32), np.empty(3 * A, np.float32), np.empty(3 * A, np.float32), np.empty(A, bool),
-        np.empty(A, np.int32), np.empty(M), np.empty(M), np.empty(M, np.int32), np.empty(M, bool),
-        np.empty(M, np.int64), np.empty(P, np.int32), np.empty(P, np.int32), np.empty(P, bool),
-        np.full((k, 3), -1, np.int64),
+        np.zeros((rows, A), np.int32), np.zeros((rows, 3 * A), np.float32), np.zeros((rows, 3 * A), np.float32),
+        np.zeros((rows, A), bool), np.zeros((rows, A), np.int32), np.zeros((rows, M)), np.zeros((rows, M)),
+        np.zeros((rows, M), np.int32), np.zeros((rows, M), bool), np.zeros((rows, M), np.int64),
+        np.zeros((rows, P), np.int32), np.zeros((rows, P), np.int32), np.zeros((rows, P), bool),
+        np.full((rows, k, 3), -1, np.int64),
     ]  # fmt: skip
 
 
@@ -38,36 +40,46 @@ def cutoff_counts(offsets, R, c2):
     return out
 
 
+def random_items(rng, offsets, counts, shapes, G, k):
+    """G items of k batches of random molecules within their class's budget: mols, lo, hi (G, k), cls (G,)."""
+    mols, lo, hi, cls = [], np.zeros((G, k), np.int64), np.zeros((G, k), np.int64), rng.integers(0, len(shapes), G)
+    for g in range(G):
+        A, M, P = shapes[cls[g]]
+        for b in range(k):
+            lo[g, b] = len(mols)
+            a = p = 0
+            for i in rng.permutation(offsets.shape[0] - 1):
+                n = int(offsets[i + 1] - offsets[i])
+                pairs = int(counts[i]) if counts.size else n * (n - 1)
+                if len(mols) - lo[g, b] < min(int(rng.integers(0, 12)), M - 1) and a + n < A and p + pairs <= P:
+                    mols.append(i)
+                    a, p = a + n, p + pairs
+            hi[g, b] = len(mols)
+    return np.array(mols, np.int64), lo, hi, cls.astype(np.int64)
+
+
 @pytest.mark.parametrize("cutoff", [None, 2.5])
-@pytest.mark.parametrize("threads", [2, 3, 7])
-def test_threaded_packed_equals_single_thread(cutoff, threads):
-    """Item after item into the same buffers (so padding is rewritten only where dirtied), two batches
-    per item, runs cut anywhere: every output equals the single-thread kernel's, bit for bit."""
+def test_threaded_packed_equals_single_thread(cutoff):
+    """Calls of 4 items of 2 batches, in two classes (the smaller using a prefix of its rows), into
+    reused rows (so padding is rewritten only where dirtied): every output equals the one-thread
+    kernel's, bit for bit."""
     offsets, Z, R, F, E, Q = dataset()
     c2 = squared_cutoff(cutoff) if cutoff else np.float32(0)
     counts = cutoff_counts(offsets, R, c2) if cutoff else np.zeros(0, np.int64)
-    shape = BatchShape(A=200, M=12, P=6000)
+    shapes = [BatchShape(A=200, M=12, P=6000), BatchShape(A=120, M=8, P=3000)]
     rng = np.random.default_rng(1)
-    one, many = packed_outputs(shape, 2), packed_outputs(shape, 2)
+    one, many = packed_outputs(shapes, 2, 10), packed_outputs(shapes, 2, 10)
     for _ in range(6):
-        mols, lo, hi = [], [], []
-        for _b in range(2):  # fill each batch with random molecules up to its budget
-            lo.append(len(mols))
-            a = p = 0
-            for i in rng.permutation(60):
-                n = int(offsets[i + 1] - offsets[i])
-                pairs = int(counts[i]) if cutoff else n * (n - 1)
-                if len(mols) - lo[-1] < int(rng.integers(0, 11)) and a + n < shape.A and p + pairs <= shape.P:
-                    mols.append(i)
-                    a, p = a + n, p + pairs
-            hi.append(len(mols))
-        args = (np.array(mols, np.int64), np.array(lo, np.int64), np.array(hi, np.int64), offsets, Z, R, F, E, Q,
-                c2, cutoff is not None, counts)  # fmt: skip
+        mols, lo, hi, cls = random_items(rng, offsets, counts, shapes, 4, 2)
+        # rows 0-4 serve class 0, rows 5-9 class 1; distinct rows within a call
+        row = cls * 5 + (np.array([np.sum(cls[:g] == cls[g]) for g in range(4)]) + rng.integers(0, 2)) % 5
+        args = (mols, lo, hi, cls, row, np.array(shapes, np.int64), offsets, Z, R, F, E, Q, c2, cutoff is not None,
+                counts)  # fmt: skip
         fill_packed(*args, *one)
-        fill_packed_threaded(*args, *many, threads)
+        fill_packed_threaded(*args, *many)
         for x, y in zip(one, many):
             np.testing.assert_array_equal(x, y)
-    assert one[-1][:, 2].sum() > 0  # some pairs were written
+    assert one[-1][:, :, 2].max() > 0  # pairs were written
 
 
 @pytest.mark.parametrize("threaded", [False, True])
@@ -76,38 +88,50 @@ def test_packed_refuses_counts_that_disagree_with_the_data(threaded):
     c2 = squared_cutoff(3.0)
     counts = cutoff_counts(offsets, R, c2)
     counts[2] = max(counts[2] - 1, 0) if counts[2] else 1  # the data no longer match
-    args = (np.arange(5, dtype=np.int64), np.array([0]), np.array([5]), offsets, Z, R, F, E, Q, c2, True, counts)
-    out = packed_outputs(BatchShape(A=40, M=8, P=200), 1)
-    kernel = (lambda *a: fill_packed_threaded(*a, 2)) if threaded else fill_packed
+    one = np.zeros((1, 1), np.int64)
+    shapes = np.array([[40, 8, 200]], np.int64)
+    args = (np.arange(5, dtype=np.int64), one * 0, one + 5, one[0] * 0, one[0] * 0, shapes, offsets, Z, R, F, E, Q, c2,
+            True, counts)  # fmt: skip
+    out = packed_outputs([BatchShape(*shapes[0])], 1, 1)
     with pytest.raises(ValueError, match="differ from the count"):
-        kernel(*args, *out)
+        (fill_packed_threaded if threaded else fill_packed)(*args, *out)
 
 
 @pytest.mark.parametrize("cutoff", [None, 2.5])
 def test_threaded_padded_equals_single_thread(cutoff):
     offsets, Z, R, F, E, Q = dataset(hi=12)
-    na, M, k = 12, 5, 2
+    na, M, k, slots = 12, 5, 2, 4
     c2 = squared_cutoff(cutoff) if cutoff else np.float32(0)
 
     def outputs():
         A = k * M * na
         return [
-            np.empty(A, np.int32), np.empty(3 * A, np.float32), np.empty(3 * A, np.float32), np.empty(A, bool),
-            np.empty(k * M), np.empty(k * M), np.full(k * M, na, np.int32), np.empty(k * M, bool),
-            np.empty(k * M, np.int64), np.empty(k * M * na * (na - 1), bool),
+            np.zeros((slots, A), np.int32), np.zeros((slots, 3 * A), np.float32),
+            np.zeros((slots, 3 * A), np.float32), np.zeros((slots, A), bool), np.zeros((slots, k * M)),
+            np.zeros((slots, k * M)), np.full((slots, k * M), na, np.int32), np.zeros((slots, k * M), bool),
+            np.zeros((slots, k * M), np.int64), np.zeros((slots, k * M * na * (na - 1)), bool),
         ]  # fmt: skip
 
     one, many = outputs(), outputs()
     rng = np.random.default_rng(2)
     for _ in range(5):
-        mols = rng.permutation(60)[: int(rng.integers(0, 2 * M + 1))].astype(np.int64)
-        lo = np.array([0, min(len(mols), M)], np.int64)
-        hi = np.array([lo[1], len(mols)], np.int64)
-        args = (mols, lo, hi, offsets, Z, R, F, E, Q, c2, cutoff is not None, na)
+        mols = rng.permutation(60)[: int(rng.integers(0, 6 * M))].astype(np.int64)
+        cut = np.sort(rng.integers(0, len(mols) + 1, 5))
+        cut = np.minimum(cut, np.arange(1, 6) * M)  # at most M molecules per batch
+        bounds = np.concatenate([[0], np.maximum.accumulate(cut)])
+        while (np.diff(bounds) > M).any():
+            bounds = np.concatenate([[0], np.minimum(bounds[1:], bounds[:-1] + M)])
+        lo, hi = np.zeros((3, k), np.int64), np.zeros((3, k), np.int64)
+        flat = list(zip(bounds[:-1], bounds[1:]))[: 3 * k]
+        for j, (a, b) in enumerate(flat):
+            lo[j // k, j % k], hi[j // k, j % k] = a, b
+        slot = rng.permutation(slots)[:3].astype(np.int64)
+        args = (mols, lo, hi, slot, offsets, Z, R, F, E, Q, c2, cutoff is not None, na)
         fill_padded(*args, *one)
-        fill_padded_threaded(*args, *many, 3)
+        fill_padded_threaded(*args, *many)
         for x, y in zip(one, many):
             np.testing.assert_array_equal(x, y)
+    assert one[6].sum() > 0  # molecules were written
 
 
 def test_thread_count_falls_back_to_one_on_an_unsafe_layer(monkeypatch):
