@@ -5,7 +5,8 @@ Writes a QM9-like set (3..29 atoms, mean 18) and a SPICE-like set (3..110 atoms,
 cache warm, kernels compiled) beside a plain loop that does what the seed's reference loader does:
 per molecule, slice Z, R, F out of the memmaps into ``(B, num_atoms)`` arrays, then flatten and
 attach the (constant) pair list of the padded batch. Every row is repeated (``--repeats``), loop
-and loaders interleaved, and the median rate is reported (the machine may be shared).
+and loaders interleaved; a row reports its median rate and the median of its ratios to the loop
+run of the same round (the machine may be shared: a round's runs see the same neighbours).
 
 Loader rows: ``reuse`` is ``reuse_buffers=True`` (a ring of output buffers; how training runs),
 ``fresh`` gives every batch new arrays (the default); ``pf`` is the prefetch depth (0: assembled
@@ -155,6 +156,7 @@ def bench_dataset(path: Path, n: int, num_atoms: int, args: argparse.Namespace) 
         stats[label] = slot_efficiency(epoch_of(loader, layout, num_atoms, *row))
     limit = min(args.loop_molecules, n)
     loop_rates, rates, seen = [], {row[0]: [] for row in LOADER_ROWS}, {row[0]: set() for row in LOADER_ROWS}
+    ratios: dict[str, list[float]] = {row[0]: [] for row in LOADER_ROWS}
     rss1 = rss_mb()
     for _ in range(args.repeats):
         dt, *_ = run_epoch(seed_loop(path, args.batch_size, num_atoms, limit))
@@ -162,6 +164,7 @@ def bench_dataset(path: Path, n: int, num_atoms: int, args: argparse.Namespace) 
         for label, layout, *row in LOADER_ROWS:
             dt, mols, shapes = run_epoch(epoch_of(loader, layout, num_atoms, *row))
             rates[label].append(mols / dt)
+            ratios[label].append(mols / dt / loop_rates[-1])
             seen[label] |= shapes
     rss2 = rss_mb()
     loop = statistics.median(loop_rates)
@@ -170,7 +173,8 @@ def bench_dataset(path: Path, n: int, num_atoms: int, args: argparse.Namespace) 
         rate = statistics.median(rates[label])
         setting = "auto budgets" if layout == "packed" else f"num_atoms={num_atoms}"
         atom_eff, pair_eff, shapes = stats[label]
-        rows.append((label, setting, rate, atom_eff, pair_eff, max(shapes, len(seen[label])), rate / loop))
+        ratio = statistics.median(ratios[label])
+        rows.append((label, setting, rate, atom_eff, pair_eff, max(shapes, len(seen[label])), ratio))
     index_mb = (loader.n_atoms.nbytes + loader._offsets.nbytes + 3 * 8 * loader.N) / 2**20
     print(f"  first batch of a fresh loader: {first_ms:.0f} ms ({len(first)} keys; budgets, plan, kernel load)")
     print(f"  RSS anon {rss0[0]:.0f} MB at open -> {rss1[0]:.0f} MB after warm-up -> {rss2[0]:.0f} MB after "
@@ -184,7 +188,7 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=1.0, help="fraction of 1M QM9-like / 200k SPICE-like molecules")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--loop-molecules", type=int, default=100_000, help="molecules timed in the Python loop")
-    ap.add_argument("--repeats", type=int, default=3, help="timed epochs per row; the median is reported")
+    ap.add_argument("--repeats", type=int, default=5, help="timed rounds (loop, then every row); medians reported")
     ap.add_argument("--dir", type=Path, default=None, help="where to write the data (default: a temp dir)")
     args = ap.parse_args()
     root = Path(args.dir or tempfile.mkdtemp(prefix="packedqdc-bench-"))

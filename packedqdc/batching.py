@@ -515,6 +515,7 @@ class Assembler:
         else:
             self._inputs = (*sources, np.asarray(counts, dtype=np.int64))
             self._kernel = fill_packed if self.threads == 1 else fill_packed_threaded
+        self._extra = () if self._padded or self.threads == 1 else (self.threads,)
         self.consts = padded_constants(spec.num_atoms, shapes[0].M) if self._padded else {}
         self._shapes = np.array(shapes, dtype=np.int64).reshape(-1, 3)
         self._hold = hold
@@ -566,7 +567,7 @@ class Assembler:
         if self._padded:
             self._kernel(mols, lo, hi, row, *self._inputs, *ring.outputs)
         else:
-            self._kernel(mols, lo, hi, cls, row, shapes, *self._inputs, *ring.outputs)
+            self._kernel(mols, lo, hi, cls, row, shapes, *self._inputs, *ring.outputs, *self._extra)
         return [dict(ring.views(r)) for r in row.tolist()]
 
 

@@ -59,7 +59,8 @@ def random_items(rng, offsets, counts, shapes, G, k):
 
 
 @pytest.mark.parametrize("cutoff", [None, 2.5])
-def test_threaded_packed_equals_single_thread(cutoff):
+@pytest.mark.parametrize("threads", [2, 3])
+def test_threaded_packed_equals_single_thread(cutoff, threads):
     """Calls of 4 items of 2 batches, in two classes (the smaller using a prefix of its rows), into
     reused rows (so padding is rewritten only where dirtied): every output equals the one-thread
     kernel's, bit for bit."""
@@ -76,7 +77,7 @@ def test_threaded_packed_equals_single_thread(cutoff):
         args = (mols, lo, hi, cls, row, np.array(shapes, np.int64), offsets, Z, R, F, E, Q, c2, cutoff is not None,
                 counts)  # fmt: skip
         fill_packed(*args, *one)
-        fill_packed_threaded(*args, *many)
+        fill_packed_threaded(*args, *many, threads)
         for x, y in zip(one, many):
             np.testing.assert_array_equal(x, y)
     assert one[-1][:, :, 2].max() > 0  # pairs were written
@@ -94,7 +95,10 @@ def test_packed_refuses_counts_that_disagree_with_the_data(threaded):
             True, counts)  # fmt: skip
     out = packed_outputs([BatchShape(*shapes[0])], 1, 1)
     with pytest.raises(ValueError, match="differ from the count"):
-        (fill_packed_threaded if threaded else fill_packed)(*args, *out)
+        if threaded:
+            fill_packed_threaded(*args, *out, 2)
+        else:
+            fill_packed(*args, *out)
 
 
 @pytest.mark.parametrize("cutoff", [None, 2.5])
