@@ -388,7 +388,6 @@ class LayoutSpec:
     cutoff: float | None = None
 
 
-_PADDED_OUTPUTS = ("Z", "R", "F", "atom_mask", "E", "Qtot", "N", "mol_mask", "mol_idx", "pair_mask")
 # the kernels' output arguments, in order
 _PADDED_OUTPUTS = ("Z", "R", "F", "atom_mask", "E", "Qtot", "N", "mol_mask", "mol_idx", "pair_mask")
 _PACKED_OUTPUTS = (
@@ -400,22 +399,21 @@ ITEMS_PER_CALL = 4  # items a kernel call fills when buffers are reused (at leas
 
 
 class _Ring:
-    """Buffer sets for items of ``group`` batches: ``slots`` rows per shape class, and their batch views.
+    """``rows`` buffer sets for items of ``group`` batches of the classes ``shapes``, and their views.
 
-    ``arrays`` are the kernels' outputs as (len(shapes) * slots, group * largest size) arrays; row
-    ``c * slots + s`` is set ``s`` of class ``c`` and always serves that class, whose item uses the
-    first ``group * (A, M, P)`` entries. ``marks`` (packed) are the (rows, group, 3) extents of each
-    row's content (-1: fresh). ``views(row)`` is the batch dict of a row (leading axis ``group``
-    when ``group > 1``), read-only when the sets are reused.
+    ``arrays`` are the kernels' outputs as (rows, group * largest size) arrays; an item of class
+    ``c`` in row ``r`` uses the first ``group * (A, M, P)`` entries. ``marks`` (packed) are the
+    (rows, group, 4) extents of each row's content and valid pair padding, ``owner`` the (rows,)
+    class of its content (-1: fresh). ``views(row, c)`` is the batch dict of a row holding class
+    ``c`` (leading axis ``group`` when ``group > 1``), read-only when the sets are reused.
     """
 
     def __init__(
-        self, shapes: tuple[BatchShape, ...], group: int, slots: int, padded: bool, consts: dict[str, np.ndarray],
+        self, shapes: tuple[BatchShape, ...], group: int, rows: int, padded: bool, consts: dict[str, np.ndarray],
         reused: bool,
     ) -> None:  # fmt: skip
-        self.shapes, self.group, self.slots = shapes, group, slots
+        self.shapes, self.group = shapes, group
         self.padded, self.consts, self.reused = padded, consts, reused
-        rows = len(shapes) * slots
         A, M, P = (group * max(s[i] for s in shapes) for i in range(3))
         self.arrays = {
             "Z": np.empty((rows, A), np.int32), "R": np.empty((rows, 3 * A), np.float32),
@@ -425,6 +423,7 @@ class _Ring:
         }  # fmt: skip
         if padded:  # one class
             self.arrays["N"] = np.full((rows, M), shapes[0].A // shapes[0].M, np.int32)  # fresh: dirty up to num_atoms
+            self.outputs = tuple(self.arrays[key] for key in _PADDED_OUTPUTS)  # the kernels' order
         else:
             self.arrays["N"] = np.empty((rows, M), np.int32)
             self.arrays.update(
@@ -432,19 +431,20 @@ class _Ring:
                 dst_idx=np.empty((rows, P), np.int32),
                 src_idx=np.empty((rows, P), np.int32),
             )
-            self.marks = np.empty((rows, group, 3), dtype=np.int64)
-            self.marks.fill(-1)  # fresh: dirty everywhere
-        keys = _PADDED_OUTPUTS if padded else _PACKED_OUTPUTS
-        self.outputs = tuple(self.arrays[key] for key in keys) + (() if padded else (self.marks,))  # kernel order
-        self._views: dict[int, dict[str, np.ndarray]] = {}
+            self.marks = np.empty((rows, group, 4), dtype=np.int64)
+            self.owner = np.empty(rows, dtype=np.int64)
+            self.marks.fill(-1)
+            self.owner.fill(-1)  # fresh: dirty everywhere
+            self.outputs = tuple(self.arrays[key] for key in _PACKED_OUTPUTS) + (self.marks, self.owner)
+        self._views: dict[tuple[int, int], dict[str, np.ndarray]] = {}
 
-    def views(self, row: int) -> dict[str, np.ndarray]:
-        """The batch dict of ``row`` (read-only views when reused; built once per row)."""
-        if row not in self._views:
+    def views(self, row: int, c: int) -> dict[str, np.ndarray]:
+        """The batch dict of ``row`` holding class ``c`` (read-only views when reused; built once)."""
+        if (row, c) not in self._views:
             if len(self.shapes) == 1:  # rows are exactly as wide as the class
                 own = {key: array[row] for key, array in self.arrays.items()}
             else:
-                A, M, P = (self.group * x for x in self.shapes[row // self.slots])
+                A, M, P = (self.group * x for x in self.shapes[c])
                 size = {"Z": A, "R": 3 * A, "F": 3 * A, "atom_mask": A, "batch_segments": A, "dst_idx": P,
                         "src_idx": P, "pair_mask": P}  # fmt: skip
                 own = {key: array[row, : size.get(key, M)] for key, array in self.arrays.items()}
@@ -454,8 +454,8 @@ class _Ring:
             if self.reused:
                 for key in own:
                     views[key].setflags(write=False)
-            self._views[row] = {key: views[key] for key in BATCH_KEYS}
-        return self._views[row]
+            self._views[(row, c)] = {key: views[key] for key in BATCH_KEYS}
+        return self._views[(row, c)]
 
 
 def _stack_view(array: np.ndarray, group: int) -> np.ndarray:
@@ -474,8 +474,9 @@ class Assembler:
         spec: the layout.
         shapes: the classes of the epoch plan.
         group: batches per item (1: plain batches; D: stacked with a leading axis D).
-        reuse: True fills items into rows of reused buffers (at most ``hold + chunk`` per class,
-            the one given back last taken first), so that an item handed out stays intact while
+        reuse: True fills items into rows of reused buffers (a pool of at most ``hold + chunk``
+            rows, shared by the classes when they differ in pair budget only, else one per class;
+            the row given back last is taken first), so that an item handed out stays intact while
             ``hold`` more are handed out and the next ``chunk`` are filled; False gives every item
             fresh arrays (one item per call).
         hold: see ``reuse``.
@@ -519,32 +520,37 @@ class Assembler:
         self.consts = padded_constants(spec.num_atoms, shapes[0].M) if self._padded else {}
         self._shapes = np.array(shapes, dtype=np.int64).reshape(-1, 3)
         self._hold = hold
-        self._slots = hold + self.chunk  # rows per class: all of a call's items may be of one class
+        self._slots = hold + self.chunk  # rows per pool: all of a call's items may draw from one pool
+        # One pool of rows for all classes when a row can pass from class to class keeping its marks
+        # (one batch per item, same atom and molecule budgets: the automatic budgets), else one per class.
+        self._shared = group == 1 and len({(s.A, s.M) for s in shapes}) == 1
+        pools = 1 if self._shared else len(shapes)
         if reuse:
-            self._ring = _Ring(shapes, group, self._slots, self._padded, self.consts, True)
+            self._ring = _Ring(shapes, group, pools * self._slots, self._padded, self.consts, True)
         self._one = np.zeros(1, np.int64)  # class 0, row 0: a fresh item's own one-class ring
-        self._free: list[list[int]] = [[] for _ in shapes]  # per class, rows last used first
-        self._unused = [0] * len(shapes)  # per class, rows never used so far
-        self._held: collections.deque[tuple[int, int]] = collections.deque()  # (class, row) handed out, in order
+        self._free: list[list[int]] = [[] for _ in range(pools)]  # per pool, rows last given back first
+        self._unused = [0] * pools  # per pool, rows never used so far
+        self._held: collections.deque[tuple[int, int]] = collections.deque()  # (pool, row) handed out, in order
 
     def _take_rows(self, cls: list[int]) -> np.ndarray:
-        """(G,) int64 rows for the next items, of classes ``cls``.
+        """(G,) int64 rows for the next items, of classes ``cls``, from their pools.
 
         Of the items handed out so far, all but the last ``hold`` give their rows back; the row given
         back last is taken first (its lines are the likeliest to be in cache), and a row never used
         only when none is free (rows never used are never touched and cost no memory).
         """
         while len(self._held) > self._hold:
-            released_class, released_row = self._held.popleft()
-            self._free[released_class].append(released_row)
+            pool, released = self._held.popleft()
+            self._free[pool].append(released)
         rows = np.empty(len(cls), dtype=np.int64)
         for g, c in enumerate(cls):
-            if self._free[c]:
-                rows[g] = self._free[c].pop()
+            pool = 0 if self._shared else c
+            if self._free[pool]:
+                rows[g] = self._free[pool].pop()
             else:
-                rows[g] = c * self._slots + self._unused[c]
-                self._unused[c] += 1
-            self._held.append((c, int(rows[g])))
+                rows[g] = pool * self._slots + self._unused[pool]
+                self._unused[pool] += 1
+            self._held.append((pool, int(rows[g])))
         return rows
 
     def assemble(self, mols: np.ndarray, lo: np.ndarray, hi: np.ndarray, shape_ids: np.ndarray) -> list[dict]:
@@ -568,7 +574,7 @@ class Assembler:
             self._kernel(mols, lo, hi, row, *self._inputs, *ring.outputs)
         else:
             self._kernel(mols, lo, hi, cls, row, shapes, *self._inputs, *ring.outputs, *self._extra)
-        return [dict(ring.views(r)) for r in row.tolist()]
+        return [dict(ring.views(r, c)) for r, c in zip(row.tolist(), cls.tolist())]
 
 
 @functools.lru_cache(maxsize=8)

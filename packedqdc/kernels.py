@@ -174,10 +174,10 @@ def _molecule_pairs(
 #
 # Drivers fill ``G`` items per call: item ``g`` (``k`` batches, ``lo[g]``/``hi[g]``) of class
 # ``cls[g]``, shape ``shapes[cls[g]]`` = (A, M, P), goes into row ``row[g]`` of the outputs: 2-D
-# arrays (rows, k * largest size) of which it uses the first k * A (M, P) entries (a row always
-# serves one class); ``marks`` is (rows, k, 3). Budgets are checked for every item before anything
-# is written; items are then filled one after the other (``fill_*``) or side by side on numba's
-# thread pool (``fill_*_threaded``).
+# arrays (rows, k * largest size) of which it uses the first k * A (M, P) entries; ``marks`` is
+# (rows, k, 4), ``owner`` (rows,) the class a row's content belongs to. Budgets are checked for
+# every item before anything is written; items are then filled one after the other (``fill_*``)
+# or side by side on numba's thread pool (``fill_*_threaded``).
 # --------------------------------------------------------------------------------------------
 
 
@@ -248,7 +248,6 @@ def _fill_packed_batch(
     fresh = marks[b, 0] < 0
     old_a = a0 + (A if fresh else marks[b, 0])
     old_m = m0 + (M if fresh else marks[b, 1])
-    old_p = p0 + (P if fresh else marks[b, 2])
     _clear_atoms(a, old_a, Z, R, F, atom_mask)
     seg[a:old_a] = M - 1
     E[m0 + m_real : old_m] = 0.0
@@ -256,12 +255,29 @@ def _fill_packed_batch(
     N[m0 + m_real : old_m] = 0
     mol_mask[m0 + m_real : old_m] = False
     mol_idx[m0 + m_real : old_m] = -1
-    dst[p:old_p] = A - 1
-    src[p:old_p] = A - 1
-    pair_mask[p0 if fresh else old_p : p] = True  # [p0, old_p) is True already
-    pair_mask[p:old_p] = False
+    # pairs [p, p0 + P) must become padding. Known to be padding already: [old_p, valid) (the row
+    # may have served a class with a smaller or larger pair budget; beyond `valid` is unknown).
+    old_p = p0 + (0 if fresh else marks[b, 2])
+    valid = p0 + (0 if fresh else marks[b, 3])
+    keep_lo, keep_hi = max(p, old_p), min(p0 + P, valid)
+    if keep_lo < keep_hi:
+        _pad_pairs(p, keep_lo, A - 1, dst, src, pair_mask)
+        _pad_pairs(keep_hi, p0 + P, A - 1, dst, src, pair_mask)
+    else:
+        _pad_pairs(p, p0 + P, A - 1, dst, src, pair_mask)
+    pair_mask[old_p:p] = True  # [p0, old_p) is True already
     marks[b, 0], marks[b, 1], marks[b, 2] = a - a0, m_real, p - p0
+    marks[b, 3] = max(P, valid - p0) if p0 + P >= old_p else P  # [p0 + P, valid) stayed padding
     return acc
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _pad_pairs(lo: int, hi: int, pad: int, dst: np.ndarray, src: np.ndarray, pair_mask: np.ndarray) -> None:
+    """Pair slots ``lo .. hi`` (nothing when hi <= lo) become padding: ``pad`` -> ``pad``, masked out."""
+    if hi > lo:
+        dst[lo:hi] = pad
+        src[lo:hi] = pad
+        pair_mask[lo:hi] = False
 
 
 @numba.njit(cache=True, nogil=True)
@@ -288,12 +304,22 @@ def _fill_packed_item(
     Qs: np.ndarray, c2: np.float32, use_cutoff: bool, a_at: np.ndarray, p_at: np.ndarray, found: np.ndarray,
     Z: np.ndarray, R: np.ndarray, F: np.ndarray, atom_mask: np.ndarray, seg: np.ndarray,
     E: np.ndarray, Qtot: np.ndarray, N: np.ndarray, mol_mask: np.ndarray, mol_idx: np.ndarray,
-    dst: np.ndarray, src: np.ndarray, pair_mask: np.ndarray, marks: np.ndarray,
+    dst: np.ndarray, src: np.ndarray, pair_mask: np.ndarray, marks: np.ndarray, owner: np.ndarray,
 ) -> float:  # fmt: skip
-    """All ``k`` batches of item ``g`` into the first k * (A, M, P) entries of row ``row[g]``; return the touch sum."""
+    """All ``k`` batches of item ``g`` into the first k * (A, M, P) entries of row ``row[g]``; return the touch sum.
+
+    A row that held another class keeps its marks only when the padding they describe is valid for
+    this one: one batch per item, same atom and molecule budgets (padding values A - 1, M - 1 and
+    the batch's place in the row are the same); otherwise the row counts as fresh.
+    """
     k = lo.shape[1]
-    r = row[g]
-    A, M, P = k * shapes[cls[g], 0], k * shapes[cls[g], 1], k * shapes[cls[g], 2]
+    c, r = cls[g], row[g]
+    before = owner[r]
+    if before != c:
+        if before < 0 or k > 1 or shapes[before, 0] != shapes[c, 0] or shapes[before, 1] != shapes[c, 1]:
+            marks[r] = -1
+        owner[r] = c
+    A, M, P = k * shapes[c, 0], k * shapes[c, 1], k * shapes[c, 2]
     acc = 0.0
     for b in range(k):
         acc += _fill_packed_batch(
@@ -323,7 +349,7 @@ def fill_packed(
     c2: np.float32, use_cutoff: bool, counts: np.ndarray,
     Z: np.ndarray, R: np.ndarray, F: np.ndarray, atom_mask: np.ndarray, seg: np.ndarray,
     E: np.ndarray, Qtot: np.ndarray, N: np.ndarray, mol_mask: np.ndarray, mol_idx: np.ndarray,
-    dst: np.ndarray, src: np.ndarray, pair_mask: np.ndarray, marks: np.ndarray,
+    dst: np.ndarray, src: np.ndarray, pair_mask: np.ndarray, marks: np.ndarray, owner: np.ndarray,
 ) -> float:  # fmt: skip
     """Fill ``G`` packed items in place, one after the other; return the (meaningless) touch sum.
 
@@ -338,15 +364,16 @@ def fill_packed(
         Z .. pair_mask: (rows, k * largest size) outputs: Z int32 and R, F f32 (3 per atom),
             atom_mask bool, seg int32 (size A); E, Qtot f64, N int32, mol_mask bool, mol_idx int64
             (size M); dst, src int32, pair_mask bool (size P).
-        marks: (rows, k, 3) int64 real atoms, molecules, pairs of the content each batch of each row
-            holds (-1: a fresh row, dirty everywhere); updated.
+        marks: (rows, k, 4) int64 real atoms, molecules, pairs of the content each batch of each row
+            holds, and how far its pair padding is known valid (-1: a fresh row, dirty everywhere);
+            owner: (rows,) int64 class of each row's content (-1: none). Both updated.
     """
     a_at, p_at, found = _place_packed_items(mols, lo, hi, cls, shapes, offsets, counts)
     acc = 0.0
     for g in range(lo.shape[0]):
         acc += _fill_packed_item(
             g, mols, lo, hi, cls, row, shapes, offsets, Zs, Rs, Fs, Es, Qs, c2, use_cutoff, a_at, p_at, found,
-            Z, R, F, atom_mask, seg, E, Qtot, N, mol_mask, mol_idx, dst, src, pair_mask, marks,
+            Z, R, F, atom_mask, seg, E, Qtot, N, mol_mask, mol_idx, dst, src, pair_mask, marks, owner,
         )  # fmt: skip
     _check_found(lo, hi, p_at, found)
     return acc
@@ -359,7 +386,7 @@ def fill_packed_threaded(
     c2: np.float32, use_cutoff: bool, counts: np.ndarray,
     Z: np.ndarray, R: np.ndarray, F: np.ndarray, atom_mask: np.ndarray, seg: np.ndarray,
     E: np.ndarray, Qtot: np.ndarray, N: np.ndarray, mol_mask: np.ndarray, mol_idx: np.ndarray,
-    dst: np.ndarray, src: np.ndarray, pair_mask: np.ndarray, marks: np.ndarray, threads: int,
+    dst: np.ndarray, src: np.ndarray, pair_mask: np.ndarray, marks: np.ndarray, owner: np.ndarray, threads: int,
 ) -> float:  # fmt: skip
     """``fill_packed`` with the items side by side on ``threads`` threads of numba's pool.
 
@@ -374,17 +401,17 @@ def fill_packed_threaded(
         for b in range(k):
             m_real = hi[g, b] - lo[g, b]
             work[g] += p_at[g, b, m_real] + ATOM_WORK * a_at[g, b, m_real]
-    owner = np.empty(G, np.int64)
+    thread_of = np.empty(G, np.int64)
     for rank, g in enumerate(np.argsort(-work)):
         lap, seat = rank // threads, rank % threads
-        owner[g] = seat if lap % 2 == 0 else threads - 1 - seat
+        thread_of[g] = seat if lap % 2 == 0 else threads - 1 - seat
     acc = 0.0
     for t in prange(threads):
         for g in range(G):
-            if owner[g] == t:
+            if thread_of[g] == t:
                 acc += _fill_packed_item(
                     g, mols, lo, hi, cls, row, shapes, offsets, Zs, Rs, Fs, Es, Qs, c2, use_cutoff, a_at, p_at,
-                    found, Z, R, F, atom_mask, seg, E, Qtot, N, mol_mask, mol_idx, dst, src, pair_mask, marks,
+                    found, Z, R, F, atom_mask, seg, E, Qtot, N, mol_mask, mol_idx, dst, src, pair_mask, marks, owner,
                 )  # fmt: skip
     _check_found(lo, hi, p_at, found)
     return acc

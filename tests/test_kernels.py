@@ -23,14 +23,14 @@ def dataset(seed=0, n_mol=60, hi=40):
 
 
 def packed_outputs(shapes: list[BatchShape], k: int, rows: int) -> list[np.ndarray]:
-    """The packed kernels' outputs: (rows, k * largest size) arrays and (rows, k, 3) marks."""
+    """The packed kernels' outputs: (rows, k * largest size) arrays, (rows, k, 4) marks, (rows,) owners."""
     A, M, P = (k * max(s[i] for s in shapes) for i in range(3))
     return [
         np.zeros((rows, A), np.int32), np.zeros((rows, 3 * A), np.float32), np.zeros((rows, 3 * A), np.float32),
         np.zeros((rows, A), bool), np.zeros((rows, A), np.int32), np.zeros((rows, M)), np.zeros((rows, M)),
         np.zeros((rows, M), np.int32), np.zeros((rows, M), bool), np.zeros((rows, M), np.int64),
         np.zeros((rows, P), np.int32), np.zeros((rows, P), np.int32), np.zeros((rows, P), bool),
-        np.full((rows, k, 3), -1, np.int64),
+        np.full((rows, k, 4), -1, np.int64), np.full(rows, -1, np.int64),
     ]  # fmt: skip
 
 
@@ -80,7 +80,32 @@ def test_threaded_packed_equals_single_thread(cutoff, threads):
         fill_packed_threaded(*args, *many, threads)
         for x, y in zip(one, many):
             np.testing.assert_array_equal(x, y)
-    assert one[-1][:, :, 2].max() > 0  # pairs were written
+    assert one[-2][:, :, 2].max() > 0  # pairs were written
+
+
+@pytest.mark.parametrize("cutoff", [None, 2.5])
+def test_row_passing_between_classes_equals_a_fresh_row(cutoff):
+    """Rows shared by classes that differ in pair budget only (the automatic budgets): an item filled
+    into a row that held other classes (larger and smaller budgets, in any order) equals the same
+    item filled into a fresh row: the padding left by any earlier content is rewritten."""
+    offsets, Z, R, F, E, Q = dataset(seed=3)
+    c2 = squared_cutoff(cutoff) if cutoff else np.float32(0)
+    counts = cutoff_counts(offsets, R, c2) if cutoff else np.zeros(0, np.int64)
+    shapes = [BatchShape(A=200, M=12, P=2500), BatchShape(A=200, M=12, P=6000), BatchShape(A=200, M=12, P=4000)]
+    table = np.array(shapes, np.int64)
+    rng = np.random.default_rng(4)
+    shared = packed_outputs(shapes, 1, 2)
+    for _ in range(12):
+        mols, lo, hi, cls = random_items(rng, offsets, counts, shapes, 2, 1)
+        args = (mols, lo, hi, cls, np.array([0, 1]), table, offsets, Z, R, F, E, Q, c2, cutoff is not None, counts)
+        fill_packed(*args, *shared)
+        for g in range(2):
+            fresh = packed_outputs([shapes[cls[g]]], 1, 1)
+            zero = np.zeros(1, np.int64)
+            one = (mols, lo[g : g + 1], hi[g : g + 1], zero, zero, table[cls[g] : cls[g] + 1], offsets)
+            fill_packed(*one, Z, R, F, E, Q, c2, cutoff is not None, counts, *fresh)
+            for got, want in zip(shared[:13], fresh[:13]):  # the outputs, within the class's budgets
+                np.testing.assert_array_equal(got[g, : want.shape[1]], want[0])
 
 
 @pytest.mark.parametrize("threaded", [False, True])
