@@ -9,7 +9,8 @@ reaches, and only that far is padding rewritten; a fresh row is marked as dirty 
 
 Every kernel has two drivers over the same helpers: ``fill_*`` fills the items one after the other
 in the calling thread; ``fill_*_threaded`` (``parallel=True``) fills them side by side on numba's
-thread pool (``NUMBA_NUM_THREADS`` threads). Filling several items per call spreads the fixed cost
+thread pool (``NUMBA_NUM_THREADS`` threads). They are two functions, not one compiled twice:
+numba's disk cache keys a function by its code and argument types, not its flags. Filling several items per call spreads the fixed cost
 of a call (argument checks, a parallel region) over them. The checks that can fail run before any
 item is written. All kernels release the GIL and are compiled at first use, not at import
 (``cache=True``: later processes load them).
