@@ -27,8 +27,8 @@ from numba import prange
 
 THREADSAFE_LAYERS = ("omp", "tbb")
 
-# Work of one atom in units of one pair when dealing items to threads: an atom is a random gather
-# of 28 bytes from three files, a pair a sequential write of 8 (measured: tens of times more).
+# Work of one atom in units of one pair when cutting a call's molecules into runs for threads: an
+# atom is a random gather of 28 bytes from three files, a pair a sequential write of 8.
 ATOM_WORK = 32
 
 
@@ -210,28 +210,24 @@ def _place_packed(
 
 
 @numba.njit(cache=True, nogil=True)
-def _fill_packed_batch(
-    mols: np.ndarray, lo: int, hi: int, offsets: np.ndarray,
+def _fill_molecules(
+    mols: np.ndarray, lo: int, first: int, last: int, offsets: np.ndarray,
     Zs: np.ndarray, Rs: np.ndarray, Fs: np.ndarray, Es: np.ndarray, Qs: np.ndarray, c2: np.float32, use_cutoff: bool,
-    a_at: np.ndarray, p_at: np.ndarray, found: np.ndarray, b: int,
+    a_at: np.ndarray, p_at: np.ndarray, found: np.ndarray, b: int, k: int,
     Z: np.ndarray, R: np.ndarray, F: np.ndarray, atom_mask: np.ndarray, seg: np.ndarray,
     E: np.ndarray, Qtot: np.ndarray, N: np.ndarray, mol_mask: np.ndarray, mol_idx: np.ndarray,
-    dst: np.ndarray, src: np.ndarray, pair_mask: np.ndarray, marks: np.ndarray,
+    dst: np.ndarray, src: np.ndarray,
 ) -> float:  # fmt: skip
-    """Batch ``b`` of an item (flat outputs of ``k`` batches) into the slots ``_place_packed`` gave.
+    """Molecules ``first .. last`` of batch ``b`` (at ``mols[lo:]``) of an item into the slots ``_place_packed`` gave.
 
-    Writes the molecules, then rewrites the padding that the old content (``marks[b]``) dirtied and
-    updates ``marks[b]``. ``found[m]`` receives the pairs molecule ``m`` has, for the caller to
-    check against ``p_at``. Returns the touch sum.
+    The outputs are the item's flat arrays (``k`` batches). ``found[m]`` receives the pairs
+    molecule ``m`` has, for the caller to check against ``p_at``. Returns the touch sum.
     """
-    k = marks.shape[0]
-    A, M, P = Z.shape[0] // k, E.shape[0] // k, dst.shape[0] // k
-    a0, m0, p0 = b * A, b * M, b * P
-    m_real = hi - lo
+    a0, m0, p0 = b * (Z.shape[0] // k), b * (E.shape[0] // k), b * (dst.shape[0] // k)
     acc = 0.0
-    for m in range(m_real):
+    for m in range(first, last):
         acc += _touch(mols[lo + m], offsets, Zs, Rs, Fs, Es, Qs)
-    for m in range(m_real):
+    for m in range(first, last):
         i = mols[lo + m]
         o = offsets[i]
         n = offsets[i + 1] - o
@@ -245,7 +241,24 @@ def _fill_packed_batch(
         seg[a : a + n] = m
         most = p_at[m + 1] - p_at[m]
         found[m] = _molecule_pairs(o, n, a_at[m], p0 + p_at[m], most, Rs, c2, use_cutoff, dst, src)
-    a, p = a0 + a_at[m_real], p0 + p_at[m_real]
+    return acc
+
+
+@numba.njit(cache=True, nogil=True)
+def _pad_batch(
+    b: int, m_real: int, a_real: int, p_real: int,
+    Z: np.ndarray, R: np.ndarray, F: np.ndarray, atom_mask: np.ndarray, seg: np.ndarray,
+    E: np.ndarray, Qtot: np.ndarray, N: np.ndarray, mol_mask: np.ndarray, mol_idx: np.ndarray,
+    dst: np.ndarray, src: np.ndarray, pair_mask: np.ndarray, marks: np.ndarray,
+) -> None:  # fmt: skip
+    """Padding of batch ``b`` of an item (flat outputs of ``k`` batches) that will hold ``m_real``
+    molecules, ``a_real`` atoms and ``p_real`` pairs: rewrite what the old content (``marks[b]``)
+    dirtied, mark the real pairs, and update ``marks[b]``. Touches no slot a real molecule takes.
+    """
+    k = marks.shape[0]
+    A, M, P = Z.shape[0] // k, E.shape[0] // k, dst.shape[0] // k
+    a0, m0, p0 = b * A, b * M, b * P
+    a, p = a0 + a_real, p0 + p_real
     fresh = marks[b, 0] < 0
     old_a = a0 + (A if fresh else marks[b, 0])
     old_m = m0 + (M if fresh else marks[b, 1])
@@ -267,9 +280,8 @@ def _fill_packed_batch(
     else:
         _pad_pairs(p, p0 + P, A - 1, dst, src, pair_mask)
     pair_mask[old_p:p] = True  # [p0, old_p) is True already
-    marks[b, 0], marks[b, 1], marks[b, 2] = a - a0, m_real, p - p0
+    marks[b, 0], marks[b, 1], marks[b, 2] = a_real, m_real, p_real
     marks[b, 3] = max(P, valid - p0) if p0 + P >= old_p else P  # [p0 + P, valid) stayed padding
-    return acc
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -282,11 +294,23 @@ def _pad_pairs(lo: int, hi: int, pad: int, dst: np.ndarray, src: np.ndarray, pai
 
 
 @numba.njit(cache=True, nogil=True)
-def _place_packed_items(
-    mols: np.ndarray, lo: np.ndarray, hi: np.ndarray, cls: np.ndarray, shapes: np.ndarray, offsets: np.ndarray,
-    counts: np.ndarray,
+def _prepare_packed_items(
+    mols: np.ndarray, lo: np.ndarray, hi: np.ndarray, cls: np.ndarray, row: np.ndarray, shapes: np.ndarray,
+    offsets: np.ndarray, counts: np.ndarray,
+    Z: np.ndarray, R: np.ndarray, F: np.ndarray, atom_mask: np.ndarray, seg: np.ndarray,
+    E: np.ndarray, Qtot: np.ndarray, N: np.ndarray, mol_mask: np.ndarray, mol_idx: np.ndarray,
+    dst: np.ndarray, src: np.ndarray, pair_mask: np.ndarray, marks: np.ndarray, owner: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
-    """Check and place every batch of every item: (a_at, p_at (G, k, M+1), found (G, k, M)) int64."""
+    """Check and place every batch of every item, and write its padding.
+
+    A row that held another class keeps its marks only when the padding they describe is valid for
+    this one: one batch per item, same atom and molecule budgets (padding values A - 1, M - 1 and
+    the batch's place in the row are the same); otherwise the row counts as fresh.
+
+    Returns:
+        a_at, p_at: (G, k, M+1) int64 first atom and pair slot of each molecule, and the ends;
+        found: (G, k, M) int64, for the molecules' pair counts.
+    """
     G, k = lo.shape
     m_most = shapes[:, 1].max()
     a_at = np.empty((G, k, m_most + 1), np.int64)
@@ -295,41 +319,42 @@ def _place_packed_items(
         A, M, P = shapes[cls[g], 0], shapes[cls[g], 1], shapes[cls[g], 2]
         for b in range(k):
             _place_packed(mols, lo[g, b], hi[g, b], offsets, counts, A, M, P, a_at[g, b], p_at[g, b])
+    for g in range(G):
+        c, r = cls[g], row[g]
+        before = owner[r]
+        if before != c:
+            if before < 0 or k > 1 or shapes[before, 0] != shapes[c, 0] or shapes[before, 1] != shapes[c, 1]:
+                marks[r] = -1
+            owner[r] = c
+        A, M, P = k * shapes[c, 0], k * shapes[c, 1], k * shapes[c, 2]
+        for b in range(k):
+            m_real = hi[g, b] - lo[g, b]
+            _pad_batch(
+                b, m_real, a_at[g, b, m_real], p_at[g, b, m_real], Z[r, :A], R[r, : 3 * A], F[r, : 3 * A],
+                atom_mask[r, :A], seg[r, :A], E[r, :M], Qtot[r, :M], N[r, :M], mol_mask[r, :M], mol_idx[r, :M],
+                dst[r, :P], src[r, :P], pair_mask[r, :P], marks[r],
+            )  # fmt: skip
     return a_at, p_at, np.empty((G, k, m_most), np.int64)
 
 
 @numba.njit(cache=True, nogil=True)
-def _fill_packed_item(
-    g: int, mols: np.ndarray, lo: np.ndarray, hi: np.ndarray, cls: np.ndarray, row: np.ndarray,
+def _fill_packed_run(
+    g: int, b: int, first: int, last: int, mols: np.ndarray, lo: np.ndarray, cls: np.ndarray, row: np.ndarray,
     shapes: np.ndarray, offsets: np.ndarray, Zs: np.ndarray, Rs: np.ndarray, Fs: np.ndarray, Es: np.ndarray,
     Qs: np.ndarray, c2: np.float32, use_cutoff: bool, a_at: np.ndarray, p_at: np.ndarray, found: np.ndarray,
     Z: np.ndarray, R: np.ndarray, F: np.ndarray, atom_mask: np.ndarray, seg: np.ndarray,
     E: np.ndarray, Qtot: np.ndarray, N: np.ndarray, mol_mask: np.ndarray, mol_idx: np.ndarray,
-    dst: np.ndarray, src: np.ndarray, pair_mask: np.ndarray, marks: np.ndarray, owner: np.ndarray,
+    dst: np.ndarray, src: np.ndarray,
 ) -> float:  # fmt: skip
-    """All ``k`` batches of item ``g`` into the first k * (A, M, P) entries of row ``row[g]``; return the touch sum.
-
-    A row that held another class keeps its marks only when the padding they describe is valid for
-    this one: one batch per item, same atom and molecule budgets (padding values A - 1, M - 1 and
-    the batch's place in the row are the same); otherwise the row counts as fresh.
-    """
+    """Molecules ``first .. last`` of batch ``b`` of item ``g`` into row ``row[g]``; return the touch sum."""
     k = lo.shape[1]
     c, r = cls[g], row[g]
-    before = owner[r]
-    if before != c:
-        if before < 0 or k > 1 or shapes[before, 0] != shapes[c, 0] or shapes[before, 1] != shapes[c, 1]:
-            marks[r] = -1
-        owner[r] = c
     A, M, P = k * shapes[c, 0], k * shapes[c, 1], k * shapes[c, 2]
-    acc = 0.0
-    for b in range(k):
-        acc += _fill_packed_batch(
-            mols, lo[g, b], hi[g, b], offsets, Zs, Rs, Fs, Es, Qs, c2, use_cutoff, a_at[g, b], p_at[g, b],
-            found[g, b], b, Z[r, :A], R[r, : 3 * A], F[r, : 3 * A], atom_mask[r, :A], seg[r, :A], E[r, :M],
-            Qtot[r, :M], N[r, :M], mol_mask[r, :M], mol_idx[r, :M], dst[r, :P], src[r, :P], pair_mask[r, :P],
-            marks[r],
-        )  # fmt: skip
-    return acc
+    return _fill_molecules(
+        mols, lo[g, b], first, last, offsets, Zs, Rs, Fs, Es, Qs, c2, use_cutoff, a_at[g, b], p_at[g, b],
+        found[g, b], b, k, Z[r, :A], R[r, : 3 * A], F[r, : 3 * A], atom_mask[r, :A], seg[r, :A], E[r, :M],
+        Qtot[r, :M], N[r, :M], mol_mask[r, :M], mol_idx[r, :M], dst[r, :P], src[r, :P],
+    )  # fmt: skip
 
 
 @numba.njit(cache=True, nogil=True)
@@ -352,7 +377,7 @@ def fill_packed(
     E: np.ndarray, Qtot: np.ndarray, N: np.ndarray, mol_mask: np.ndarray, mol_idx: np.ndarray,
     dst: np.ndarray, src: np.ndarray, pair_mask: np.ndarray, marks: np.ndarray, owner: np.ndarray,
 ) -> float:  # fmt: skip
-    """Fill ``G`` packed items in place, one after the other; return the (meaningless) touch sum.
+    """Fill ``G`` packed items in place, in the calling thread; return the (meaningless) touch sum.
 
     Args:
         mols: (L,) int64 dataset indices; lo, hi: (G, k) int64 bounds in ``mols`` of batch ``b`` of
@@ -369,15 +394,52 @@ def fill_packed(
             holds, and how far its pair padding is known valid (-1: a fresh row, dirty everywhere);
             owner: (rows,) int64 class of each row's content (-1: none). Both updated.
     """
-    a_at, p_at, found = _place_packed_items(mols, lo, hi, cls, shapes, offsets, counts)
+    a_at, p_at, found = _prepare_packed_items(
+        mols, lo, hi, cls, row, shapes, offsets, counts, Z, R, F, atom_mask, seg, E, Qtot, N, mol_mask, mol_idx,
+        dst, src, pair_mask, marks, owner,
+    )  # fmt: skip
     acc = 0.0
     for g in range(lo.shape[0]):
-        acc += _fill_packed_item(
-            g, mols, lo, hi, cls, row, shapes, offsets, Zs, Rs, Fs, Es, Qs, c2, use_cutoff, a_at, p_at, found,
-            Z, R, F, atom_mask, seg, E, Qtot, N, mol_mask, mol_idx, dst, src, pair_mask, marks, owner,
-        )  # fmt: skip
+        for b in range(lo.shape[1]):
+            acc += _fill_packed_run(
+                g, b, 0, hi[g, b] - lo[g, b], mols, lo, cls, row, shapes, offsets, Zs, Rs, Fs, Es, Qs, c2,
+                use_cutoff, a_at, p_at, found, Z, R, F, atom_mask, seg, E, Qtot, N, mol_mask, mol_idx, dst, src,
+            )  # fmt: skip
     _check_found(lo, hi, p_at, found)
     return acc
+
+
+@numba.njit(cache=True, nogil=True)
+def _cut_runs(
+    lo: np.ndarray, hi: np.ndarray, a_at: np.ndarray, p_at: np.ndarray, threads: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """The molecules of a call, item after item and batch after batch, cut into ``threads`` runs of
+    about equal work (pairs plus ``ATOM_WORK`` per atom).
+
+    Returns:
+        unit_g, unit_b, unit_m: (U,) item, batch and molecule of each of the U molecules;
+        ends: (G * k,) index after the last unit of each batch; cuts: (threads + 1,) run bounds.
+    """
+    G, k = lo.shape
+    U = 0
+    for g in range(G):
+        for b in range(k):
+            U += hi[g, b] - lo[g, b]
+    unit_g, unit_b, unit_m = np.empty(U, np.int64), np.empty(U, np.int64), np.empty(U, np.int64)
+    start = np.empty(U + 1, np.int64)  # work before each unit
+    ends = np.empty(G * k, np.int64)
+    u, done = 0, 0
+    for g in range(G):
+        for b in range(k):
+            for m in range(hi[g, b] - lo[g, b]):
+                unit_g[u], unit_b[u], unit_m[u], start[u] = g, b, m, done
+                done += p_at[g, b, m + 1] - p_at[g, b, m] + ATOM_WORK * (a_at[g, b, m + 1] - a_at[g, b, m])
+                u += 1
+            ends[g * k + b] = u
+    start[U] = done
+    cuts = np.searchsorted(start, (np.arange(threads + 1) * done) // threads)
+    cuts[threads] = U
+    return unit_g, unit_b, unit_m, ends, cuts
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
@@ -389,31 +451,26 @@ def fill_packed_threaded(
     E: np.ndarray, Qtot: np.ndarray, N: np.ndarray, mol_mask: np.ndarray, mol_idx: np.ndarray,
     dst: np.ndarray, src: np.ndarray, pair_mask: np.ndarray, marks: np.ndarray, owner: np.ndarray, threads: int,
 ) -> float:  # fmt: skip
-    """``fill_packed`` with the items side by side on ``threads`` threads of numba's pool.
-
-    Items are dealt to the threads largest first in snake order (0, 1, .., T-1, T-1, .., 0, ..),
-    by their work (pairs plus ``ATOM_WORK`` per atom), so the threads finish at about one time
-    although the classes' pair budgets differ.
-    """
-    a_at, p_at, found = _place_packed_items(mols, lo, hi, cls, shapes, offsets, counts)
-    G, k = lo.shape
-    work = np.zeros(G)
-    for g in range(G):
-        for b in range(k):
-            m_real = hi[g, b] - lo[g, b]
-            work[g] += p_at[g, b, m_real] + ATOM_WORK * a_at[g, b, m_real]
-    thread_of = np.empty(G, np.int64)
-    for rank, g in enumerate(np.argsort(-work)):
-        lap, seat = rank // threads, rank % threads
-        thread_of[g] = seat if lap % 2 == 0 else threads - 1 - seat
+    """``fill_packed`` on ``threads`` threads of numba's pool: the call's molecules are cut into
+    runs of about equal work (a run may span batches and items), one per thread; padding is written
+    before, in the calling thread (it touches no slot a molecule takes)."""
+    a_at, p_at, found = _prepare_packed_items(
+        mols, lo, hi, cls, row, shapes, offsets, counts, Z, R, F, atom_mask, seg, E, Qtot, N, mol_mask, mol_idx,
+        dst, src, pair_mask, marks, owner,
+    )  # fmt: skip
+    unit_g, unit_b, unit_m, ends, cuts = _cut_runs(lo, hi, a_at, p_at, threads)
+    k = lo.shape[1]
     acc = 0.0
     for t in prange(threads):
-        for g in range(G):
-            if thread_of[g] == t:
-                acc += _fill_packed_item(
-                    g, mols, lo, hi, cls, row, shapes, offsets, Zs, Rs, Fs, Es, Qs, c2, use_cutoff, a_at, p_at,
-                    found, Z, R, F, atom_mask, seg, E, Qtot, N, mol_mask, mol_idx, dst, src, pair_mask, marks, owner,
-                )  # fmt: skip
+        u = cuts[t]
+        while u < cuts[t + 1]:  # one stretch of one batch at a time
+            g, b = unit_g[u], unit_b[u]
+            stop = min(cuts[t + 1], ends[g * k + b])
+            acc += _fill_packed_run(
+                g, b, unit_m[u], unit_m[u] + stop - u, mols, lo, cls, row, shapes, offsets, Zs, Rs, Fs, Es, Qs, c2,
+                use_cutoff, a_at, p_at, found, Z, R, F, atom_mask, seg, E, Qtot, N, mol_mask, mol_idx, dst, src,
+            )  # fmt: skip
+            u = stop
     _check_found(lo, hi, p_at, found)
     return acc
 
