@@ -395,7 +395,7 @@ _PACKED_OUTPUTS = (
     "dst_idx", "src_idx", "pair_mask",
 )  # fmt: skip
 
-ITEMS_PER_CALL = 4  # items a kernel call fills when buffers are reused (at least `threads`)
+ITEMS_PER_CALL = 4  # items a kernel call fills per thread when buffers are reused
 
 
 class _Ring:
@@ -501,7 +501,7 @@ class Assembler:
         self.group = group
         self.reuse = reuse
         self.threads = kernel_threads(threads)
-        self.chunk = max(ITEMS_PER_CALL, self.threads) if reuse else 1
+        self.chunk = ITEMS_PER_CALL * self.threads if reuse else 1
         self._padded = spec.layout == "padded"
         counts = np.zeros(0, np.int64) if self._padded or spec.cutoff is None else pair_counts
         c2 = squared_cutoff(spec.cutoff) if spec.cutoff is not None else np.float32(0.0)
