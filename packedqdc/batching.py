@@ -412,8 +412,7 @@ class _Ring:
         self, shapes: tuple[BatchShape, ...], group: int, rows: int, padded: bool, consts: dict[str, np.ndarray],
         reused: bool,
     ) -> None:  # fmt: skip
-        self.shapes, self.group = shapes, group
-        self.padded, self.consts, self.reused = padded, consts, reused
+        self.shapes, self.group, self.consts, self.reused = shapes, group, consts, reused
         A, M, P = (group * max(s[i] for s in shapes) for i in range(3))
         self.arrays = {
             "Z": np.empty((rows, A), np.int32), "R": np.empty((rows, 3 * A), np.float32),
@@ -496,7 +495,6 @@ class Assembler:
     ) -> None:  # fmt: skip
         if spec.layout == "packed" and spec.cutoff is not None and pair_counts is None:
             raise ValueError("the packed layout with a cutoff needs the pair counts within it")
-        self.spec = spec
         self.shapes = shapes
         self.group = group
         self.reuse = reuse

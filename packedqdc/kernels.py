@@ -8,11 +8,11 @@ may hold an earlier item: ``marks`` (packed) or the old ``N`` (padded) say how f
 reaches, and only that far is padding rewritten; a fresh row is marked as dirty everywhere.
 
 Every kernel has two drivers over the same helpers: ``fill_*`` fills the items one after the other
-in the calling thread; ``fill_*_threaded`` (``parallel=True``) fills them side by side on numba's
-thread pool (``NUMBA_NUM_THREADS`` threads). They are two functions, not one compiled twice:
-numba's disk cache keys a function by its code and argument types, not its flags. Filling several items per call spreads the fixed cost
-of a call (argument checks, a parallel region) over them. The checks that can fail run before any
-item is written. All kernels release the GIL and are compiled at first use, not at import
+in the calling thread; ``fill_*_threaded`` (``parallel=True``) fills them on numba's thread pool
+(``NUMBA_NUM_THREADS`` threads). They are two functions, not one compiled twice: numba's disk cache
+keys a function by its code and argument types, not its flags. Filling several items per call
+spreads the fixed cost of a call (argument checks, a parallel region) over them. The checks that
+can fail run before any item is written. All kernels release the GIL and are compiled at first use, not at import
 (``cache=True``: later processes load them).
 """
 
@@ -631,7 +631,7 @@ def kernel_threads(requested: int) -> int:
     if layer not in THREADSAFE_LAYERS:
         warnings.warn(
             f"packedqdc: numba's threading layer is {layer or 'unavailable'!r}, not thread-safe; "
-            "assembling each batch in one thread (install the 'tbb' package, or libgomp, for threads > 1)",
+            "assembling in one thread (install the 'tbb' package, or libgomp, for threads > 1)",
             RuntimeWarning,
             stacklevel=3,
         )
