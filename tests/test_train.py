@@ -73,7 +73,7 @@ def test_resume_equals_uninterrupted_run(trained, sample_dir: Path) -> None:
     runs = trainer.run_dir.parent
     part = start_run(TrainConfig(data_path=str(sample_dir), runs_dir=str(runs), name="part", num_epochs=2, **TINY))
     fit(part)
-    part.checkpoints.close()
+    part.close()
     resumed = resume_run(runs / "part", num_epochs=3)
     assert int(resumed.state.epoch) == 2
     fit(resumed)
@@ -93,7 +93,7 @@ def test_nan_guard_keeps_last_good_checkpoint(trained, sample_dir: Path, tmp_pat
     first = start_run(TrainConfig(data_path=str(data), runs_dir=str(runs), name="nan", num_epochs=1, **TINY))
     fit(first)
     bad = int(first.train_data.loader.indices[5])
-    first.checkpoints.close()
+    first.close()
     E = np.memmap(data / "E.f64", dtype=np.float64, mode="r+")
     E[bad] = np.nan
     E.flush()

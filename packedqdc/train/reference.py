@@ -14,7 +14,7 @@ import numpy as np
 
 from ..elements import MAX_Z, symbol
 from ..errors import ConfigError, SourceError
-from ..format import E_FILE, PackedDataset
+from ..format import E_FILE, Z_FILE, PackedDataset
 
 NUM_ROWS = MAX_Z + 1  # rows of the element table: index 0 (padding) is always 0
 
@@ -107,7 +107,11 @@ def _blocks(data: PackedDataset, selected: np.ndarray, block: int
         a0, a1 = int(data.offsets[lo]), int(data.offsets[hi])
         n_atoms = np.asarray(data.n_atoms[lo:hi], dtype=np.int64)
         mol = np.repeat(np.arange(hi - lo), n_atoms)
-        Z = np.clip(np.asarray(data.Z[a0:a1], dtype=np.int64), 0, MAX_Z)
+        Z = np.asarray(data.Z[a0:a1], dtype=np.int64)
+        if Z.size and (Z.min() < 1 or Z.max() > MAX_Z):  # the embedding would clip it silently
+            atom = int(np.flatnonzero((Z < 1) | (Z > MAX_Z))[0])
+            raise SourceError(f"{data.path / Z_FILE}: molecule {lo + int(mol[atom])}: atomic number "
+                              f"{int(Z[atom])} outside 1..{MAX_Z}")
         counts = np.bincount(mol * NUM_ROWS + Z, minlength=(hi - lo) * NUM_ROWS)
         counts = counts.reshape(hi - lo, NUM_ROWS).astype(np.float64)
         qtot = np.zeros(hi - lo) if data.Qtot is None else np.asarray(data.Qtot[lo:hi], dtype=np.float64)
