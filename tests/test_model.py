@@ -387,3 +387,21 @@ def test_rbf_initial_centres_and_widths(mols):
     beta = np.asarray(jax.nn.softplus(p["widths_raw"]))
     np.testing.assert_allclose(mu, np.linspace(1.0, math.exp(-10.0), 64), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(beta, (64 / (2 * (1 - math.exp(-10.0)))) ** 2, rtol=1e-5)
+
+
+def test_charge_embedding_lets_atoms_see_the_total_charge(mols):
+    model = PhysNet(features=16, num_basis=8, cutoff=CUTOFF, num_iterations=2, charge_embedding=True)
+    z, r, _ = mols[0]
+    neutral, cation = build_batch([(z, r, 0.0)]), build_batch([(z, r, 1.0)])
+    params = init_params(model, jax.random.PRNGKey(0), neutral)
+    assert not np.any(np.asarray(params["params"]["charge_embedding_positive"]))  # zero at init
+    params = jax.tree.map(lambda x: x, params)
+    params["params"]["charge_embedding_positive"] = jnp.ones(16)
+    params["params"]["output_block_0"] = jax.tree.map(lambda x: x + 0.1, params["params"]["output_block_0"])
+    e_neutral = np.asarray(predict(model, params, neutral)["atomic_energy"])
+    e_cation = np.asarray(predict(model, params, cation)["atomic_energy"])
+    assert np.abs(e_neutral - e_cation).max() > 1e-3
+    # padding still contributes nothing, and the charge share is per molecule
+    padded = build_batch([(z, r, 1.0)], num_atoms=len(z) + 3, num_mols=2, num_pairs=len(z) * (len(z) - 1) + 5)
+    e_padded = np.asarray(predict(model, params, padded)["energy"])[0]
+    assert e_padded == pytest.approx(float(np.asarray(predict(model, params, cation)["energy"])[0]), rel=1e-5)

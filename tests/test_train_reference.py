@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,15 +13,16 @@ from packedqdc.format import MoleculeChunk, PackedWriter, open_packed
 from packedqdc.train import ReferenceEnergies, TrainConfig, fit_reference_energies
 
 
-def _synthetic(path: Path, table: dict[int, float], charge_coef: float, m: int = 300, seed: int = 0) -> Path:
+def _synthetic(path: Path, table: dict[int, float], offsets: dict[int, float], m: int = 300, seed: int = 0) -> Path:
+    """Molecules whose energies are exactly Σ e_Z + c_Q (charges drawn from ``offsets``' keys)."""
     rng = np.random.default_rng(seed)
     elements = np.array(sorted(table))
     n = rng.integers(2, 12, size=m).astype(np.int32)
     Z = rng.choice(elements, size=int(n.sum())).astype(np.int32)
-    Q = rng.integers(-1, 2, size=m).astype(np.float64)
+    Q = rng.choice(np.array(sorted(offsets)), size=m).astype(np.float64)
     per_atom = np.array([table[z] for z in Z])
     mol = np.repeat(np.arange(m), n)
-    E = np.bincount(mol, weights=per_atom, minlength=m) + charge_coef * Q  # exactly linear
+    E = np.bincount(mol, weights=per_atom, minlength=m) + np.array([offsets[int(q)] for q in Q])
     chunk = MoleculeChunk(n_atoms=n, Z=Z, R=rng.normal(size=(Z.size, 3)).astype(np.float32), E=E, Qtot=Q)
     with PackedWriter(path, has_forces=False, has_qtot=True) as writer:
         writer.append(chunk)
@@ -28,24 +30,48 @@ def _synthetic(path: Path, table: dict[int, float], charge_coef: float, m: int =
     return path
 
 
-def test_fit_recovers_per_element_energies(tmp_path: Path) -> None:
+def test_fit_recovers_per_element_energies_and_per_charge_offsets(tmp_path: Path) -> None:
     table = {1: -313.5, 6: -23893.2, 7: -34430.1, 8: -47196.8}
-    ds = open_packed(_synthetic(tmp_path / "syn", table, charge_coef=-150.25))
+    # cation and anion offsets that no line c·Q fits (ionisation energy != electron affinity)
+    offsets = {-1: -57.25, 0: 0.0, 1: 231.5, 2: 650.0}
+    ds = open_packed(_synthetic(tmp_path / "syn", table, offsets))
     ref = fit_reference_energies(ds, np.arange(ds.n_molecules), block=37)  # several blocks
     for z, value in table.items():
         assert ref.table[z] == pytest.approx(value, abs=1e-6)
-    assert ref.charge_coef == pytest.approx(-150.25, abs=1e-6)
+    assert ref.charges == (-1, 0, 1, 2)
+    for q, c in ref.charge_offsets:
+        assert c == pytest.approx(offsets[q], abs=1e-6)
+    assert ref.charge_coef == 0.0
     assert ref.table[0] == 0.0 and ref.table[9] == 0.0
     assert abs(ref.per_atom_mean) < 1e-6 and ref.per_atom_std < 1e-6
     seg = np.repeat(np.arange(3), np.asarray(ds.n_atoms[:3]))
     Z = np.asarray(ds.Z[: int(ds.offsets[3])])
     assert np.allclose(ref.molecule_energies(Z, seg, ds.Qtot[:3]), ds.E[:3], atol=1e-6, rtol=0)
     again = ReferenceEnergies.from_dict(ref.to_dict())
-    assert np.array_equal(again.table, ref.table) and again.charge_coef == ref.charge_coef
+    assert ReferenceEnergies.from_dict(json.loads(json.dumps(ref.to_dict()))).to_dict() == ref.to_dict()
+    assert np.array_equal(again.table, ref.table) and again.charge_offsets == ref.charge_offsets
+    with pytest.raises(ConfigError, match=r"total charge \+3 not in the model's training data"):
+        ref.molecule_energies(Z, seg, np.array([0.0, 3.0, 0.0]))
+
+
+def test_charged_molecules_only_fit_an_offset_per_charge(tmp_path: Path) -> None:
+    ds = open_packed(_synthetic(tmp_path / "ions", {1: -300.0, 6: -23000.0}, {-1: 10.0, 1: 200.0}, m=80))
+    ref = fit_reference_energies(ds, np.arange(ds.n_molecules))
+    seg = np.repeat(np.arange(ds.n_molecules), np.asarray(ds.n_atoms))
+    assert np.allclose(ref.molecule_energies(np.asarray(ds.Z), seg, ds.Qtot), ds.E, atol=1e-6, rtol=0)
+
+
+def test_a_reference_saved_with_a_linear_charge_coefficient_still_predicts() -> None:
+    table = [0.0] * 119
+    table[1], table[8] = -300.0, -47000.0
+    old = {"table": table, "charge_coef": -150.5, "per_atom_mean": 0.1, "per_atom_std": 2.0, "elements": [1, 8]}
+    ref = ReferenceEnergies.from_dict(old)
+    energies = ref.molecule_energies(np.array([8, 1, 1, 8, 1]), np.array([0, 0, 0, 1, 1]), np.array([0.0, -1.0]))
+    assert energies.tolist() == [-47600.0, -47300.0 + 150.5]
 
 
 def test_fit_uses_only_the_given_molecules_and_rejects_nan(tmp_path: Path) -> None:
-    path = _synthetic(tmp_path / "syn", {1: -300.0, 6: -23000.0}, charge_coef=0.0, m=50)
+    path = _synthetic(tmp_path / "syn", {1: -300.0, 6: -23000.0}, {0: 0.0}, m=50)
     E = np.memmap(path / "E.f64", dtype=np.float64, mode="r+")
     E[7] = np.nan
     E.flush()
@@ -64,3 +90,22 @@ def test_config_json_round_trip_and_validation(tmp_path: Path) -> None:
         TrainConfig(layout="ragged")
     with pytest.raises(ConfigError, match="unknown option"):
         TrainConfig.from_dict({"nope": 1})
+
+
+def test_initial_coulomb_energy_of_ions_moves_into_their_offsets(tmp_path: Path) -> None:
+    from packedqdc.model import COULOMB_CONSTANT
+    from packedqdc.train.reference import uniform_charge_coulomb, with_initial_coulomb
+
+    # two atoms 4 Å apart (beyond cutoff/2, where χ = 1/r), charge -1 spread as -1/2 each
+    R = np.array([[0.0, 0.0, 0.0], [4.0, 0.0, 0.0]])
+    assert uniform_charge_coulomb(R, -1.0, cutoff=5.0) == pytest.approx(COULOMB_CONSTANT * 0.25 / 4.0, rel=1e-6)
+    assert uniform_charge_coulomb(R, 0.0, cutoff=5.0) == 0.0
+    ds = open_packed(_synthetic(tmp_path / "ions", {1: -300.0, 6: -23000.0}, {-1: 10.0, 0: 0.0, 1: 200.0}, m=60))
+    ref = fit_reference_energies(ds, np.arange(ds.n_molecules))
+    shifted = dict(with_initial_coulomb(ref, ds, np.arange(ds.n_molecules), cutoff=5.0).charge_offsets)
+    for q, c in ref.charge_offsets:
+        members = np.flatnonzero(np.asarray(ds.Qtot) == q)
+        mean = np.mean([uniform_charge_coulomb(ds.molecule(int(i))["R"].astype(np.float64), float(q), 5.0)
+                        for i in members])
+        assert shifted[q] == pytest.approx(c - mean, abs=1e-6)
+    assert shifted[0] == 0.0 and shifted[1] < 200.0 and shifted[-1] < 10.0

@@ -64,6 +64,11 @@ class PhysNet(nn.Module):
         PhysNet sets them to the std and mean of E/N over the training set.
       charge_scale_init (1.0), charge_shift_init (0.0): same for atomic charges (e).
       natoms (60): accepted for the seed's ``EF`` API; not used for shapes.
+      charge_embedding (False): add to each atom's initial features the molecule's total charge
+        per atom, q̄ = Qtot/N, through two learned vectors (one for q̄ > 0, one for q̄ < 0; zero at
+        initialisation), so that atoms can tell a cation from an anion from a neutral molecule (a
+        simple form of SpookyNet's electronic embedding). Without it atoms see Qtot only through
+        the charge correction.
       dtype (float32): compute dtype. Parameters are always stored in float32.
       precision ("highest"): matmul precision of the dense layers (a ``jax.lax.Precision`` or its
         name). "highest" keeps true float32 on GPUs whose default is TF32; None uses JAX's
@@ -86,6 +91,7 @@ class PhysNet(nn.Module):
     charge_scale_init: ElementInit = 1.0
     charge_shift_init: ElementInit = 0.0
     natoms: int = 60
+    charge_embedding: bool = False
     dtype: Dtype = jnp.float32
     precision: Any = "highest"
 
@@ -167,6 +173,13 @@ class PhysNet(nn.Module):
         num_rows = self.max_z + 1
         emb = self.param("embeddings", uniform_sqrt3, (num_rows, self.features), jnp.float32)
         x = jnp.take(emb.astype(dt), Z, axis=0, mode="clip")                    # (A, F)
+        if self.charge_embedding:
+            n_mol = jax.ops.segment_sum(amask, batch_segments, num_segments=num_molecules)
+            share = (Qtot / jnp.maximum(n_mol, 1.0))[batch_segments] * amask    # (A,) e per atom
+            k_pos = self.param("charge_embedding_positive", nn.initializers.zeros, (self.features,), jnp.float32)
+            k_neg = self.param("charge_embedding_negative", nn.initializers.zeros, (self.features,), jnp.float32)
+            x = (x + jnp.maximum(share, 0.0)[:, None] * k_pos.astype(dt)
+                 + jnp.maximum(-share, 0.0)[:, None] * k_neg.astype(dt))
 
         out_sum = jnp.zeros((num_atoms, 2), dt)
         nh_loss = jnp.zeros((), dt)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..units import EV_TO_KCAL_MOL
 
 #: PhysNet's force weight (Unke & Meuwly 2019, config.txt): Bohr/Å in PhysNet's eV units.
 PHYSNET_FORCES_WEIGHT = 52.91772105638412
@@ -23,7 +24,13 @@ PHYSNET_CHARGE_WEIGHT = 14.399645351950548
 
 LAYOUTS = ("packed", "padded")
 LOSSES = ("mae", "mse")
-LR_SCHEDULES = ("exponential", "plateau")
+LR_SCHEDULES = ("exponential", "plateau", "cosine")
+#: Energy units the loss can be computed in (the data are always kcal/mol).
+LOSS_UNITS = ("ev", "kcal/mol")
+#: Values of options added after a run's config.json was written that reproduce what such a run did.
+LEGACY_VALUES: dict[str, Any] = {"loss_unit": "kcal/mol", "warmup_steps": 0, "charge_embedding": False}
+#: PhysNet's non-hierarchicality weight (config.txt), in eV.
+PHYSNET_NH_WEIGHT = 0.01
 #: A run name is one plain directory name, so that a run stays inside its runs directory.
 RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+=@-]*")
 
@@ -93,13 +100,27 @@ class TrainConfig:
     electrostatics: bool | None = option(
         None, "Model", "Shielded Coulomb energy of the atomic charges [default: on iff the training data has "
         "charged molecules].")
+    charge_embedding: bool = option(
+        False, "Model", "Give atoms the molecule's total charge per atom through learned vectors (for data "
+        "with ions; see docs/model.md).")
     loss: str = option("mae", "Loss", "Error form: mae (PhysNet) or mse.", choices=LOSSES)
     energy_weight: float = option(1.0, "Loss", "Weight of the energy term.")
     forces_weight: float = option(PHYSNET_FORCES_WEIGHT, "Loss", "Weight of the forces term (PhysNet's).")
-    charge_weight: float = option(PHYSNET_CHARGE_WEIGHT, "Loss", "Weight of the total-charge term (PhysNet's).")
-    nh_weight: float = option(0.01, "Loss", "Weight of the non-hierarchicality penalty.")
-    lr_schedule: str = option("exponential", "Optimiser", "Learning-rate schedule: exponential (PhysNet) or "
-                              "plateau.", choices=LR_SCHEDULES)
+    charge_weight: float | None = option(
+        None, "Loss", "Weight of the total-charge term, energy per e in the loss unit [default: PhysNet's k_e: "
+        "332.06 kcal/mol per e, or 14.40 with --loss-unit ev].")
+    nh_weight: float | None = option(
+        None, "Loss", "Weight of the non-hierarchicality penalty, energy in the loss unit [default: PhysNet's "
+        "0.01 eV: 0.2306 kcal/mol, or 0.01 with --loss-unit ev].")
+    loss_unit: str = option(
+        "kcal/mol", "Loss", "Energy unit of the loss: errors are converted to it before weighting (ev: PhysNet's "
+        "own units, whose AMSGrad ε is then 23x larger relative to the gradients).", choices=LOSS_UNITS)
+    lr_schedule: str = option("exponential", "Optimiser", "Learning-rate schedule: exponential (PhysNet), "
+                              "plateau, or cosine (decays to --final-lr-scale over the run: --num-epochs, or "
+                              "--max-time when that ends it first).", choices=LR_SCHEDULES)
+    warmup_steps: int = option(0, "Optimiser", "Steps of linear learning-rate warm-up (every schedule).")
+    final_lr_scale: float = option(0.01, "Optimiser", "Cosine schedule: the last learning rate, as a fraction "
+                                   "of --learning-rate.")
     decay_rate: float = option(0.1, "Optimiser", "Exponential schedule: factor per --decay-steps.")
     decay_steps: int = option(10_000_000, "Optimiser", "Exponential schedule: steps per --decay-rate factor.")
     plateau_patience: int = option(5, "Optimiser", "Plateau schedule: epochs without improvement before a cut.")
@@ -129,6 +150,9 @@ class TrainConfig:
              "features, num_iterations and num_basis must be >= 1"),
             (self.cutoff > 0, f"cutoff must be > 0, got {self.cutoff}"),
             (self.decay_steps >= 1, f"decay_steps must be >= 1, got {self.decay_steps}"),
+            (self.loss_unit in LOSS_UNITS, f"loss_unit must be one of {', '.join(LOSS_UNITS)}, got {self.loss_unit!r}"),
+            (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
+            (0.0 <= self.final_lr_scale <= 1.0, f"final_lr_scale must be in [0, 1], got {self.final_lr_scale}"),
             (0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {self.ema_decay}"),
             (self.max_time is None or self.max_time > 0, f"max_time must be > 0, got {self.max_time}"),
         ]
@@ -142,6 +166,13 @@ class TrainConfig:
         if self.name is not None:
             check_run_name(self.name)
 
+    def loss_term_weights(self) -> tuple[float, float]:
+        """(charge weight, nh weight) in the loss unit: the given ones, or PhysNet's converted."""
+        per_ev = 1.0 if self.loss_unit == "ev" else EV_TO_KCAL_MOL
+        charge = PHYSNET_CHARGE_WEIGHT * per_ev if self.charge_weight is None else self.charge_weight
+        nh = PHYSNET_NH_WEIGHT * per_ev if self.nh_weight is None else self.nh_weight
+        return charge, nh
+
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with ``changes`` applied (validated again)."""
         return dataclasses.replace(self, **changes)
@@ -151,12 +182,13 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        """Inverse of ``to_dict``; unknown keys are a ConfigError (a newer or foreign file)."""
+        """Inverse of ``to_dict``; unknown keys are a ConfigError (a newer or foreign file). Options
+        missing from an older file take their ``LEGACY_VALUES``, so an old run resumes as it ran."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"train config: unknown option(s) {', '.join(unknown)}")
-        return cls(**data)
+        return cls(**{**{k: v for k, v in LEGACY_VALUES.items() if k not in data}, **data})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"

@@ -24,10 +24,11 @@ from .checkpoint import RunCheckpoints
 from .config import TrainConfig
 from .loss import LossWeights
 from .metrics import MetricsCSV, SumAccumulator, summarize
-from .optim import learning_rate, plateau_update
+from .optim import learning_rate, plateau_update, schedule_progress
 from .reference import ReferenceEnergies
 from .runlock import RunLock
 from .state import TrainState
+from .step import PROGRESS_KEY
 
 
 class BatchStream(Protocol):
@@ -203,6 +204,7 @@ def fit(trainer: Trainer, callbacks: Callbacks | None = None) -> FitResult:
     acc = SumAccumulator()
     pending: tuple[dict[str, jax.Array], np.ndarray, int] | None = None
     resume_point = trainer.train_data.state()  # loader position matching trainer.state
+    start_progress = float(trainer.extra_meta.get(PROGRESS_KEY, 0.0))
     try:
         while epoch < cfg.num_epochs:
             if cb.epoch_start is not None:
@@ -210,7 +212,13 @@ def fit(trainer: Trainer, callbacks: Callbacks | None = None) -> FitResult:
             acc = SumAccumulator()
             epoch_start = time.monotonic()
             stop = None
+            steps_per_epoch = trainer.train_data.num_steps()
             for global_batch, mol_idx in trainer.train_data.epoch():
+                progress = schedule_progress(cfg, int(pending[2]) + 1 if pending else int(trainer.state.step),
+                                             steps_per_epoch, time.monotonic() - start, start_progress)
+                trainer.extra_meta[PROGRESS_KEY] = progress  # saved with checkpoints, read on resume
+                devices = int(np.shape(global_batch["Z"])[0])
+                global_batch = {**global_batch, PROGRESS_KEY: np.full((devices,), progress, np.float32)}
                 new_state, sums = trainer.train_step(trainer.state, trainer.put(global_batch))
                 if pending is not None:  # read the previous step's sums while this one runs
                     _consume(pending, trainer, epoch, acc, cb)
@@ -278,7 +286,8 @@ def _end_epoch(trainer: Trainer, epoch: int, acc: SumAccumulator, seconds: float
     valid_totals = evaluate_stream(trainer.eval_step, trainer.state.ema_params, trainer.valid_data, trainer.put)
     train = summarize(acc.totals, trainer.weights)
     valid = summarize(valid_totals, trainer.weights)
-    lr = float(learning_rate(cfg, trainer.state.step, trainer.state.lr_scale))
+    lr = float(learning_rate(cfg, trainer.state.step, trainer.state.lr_scale,
+                             trainer.extra_meta.get(PROGRESS_KEY, 0.0)))
     if not math.isfinite(valid["loss"]):
         raise TrainingError(f"non-finite validation loss ({valid['loss']}) after epoch {epoch + 1}; "
                             f"training stopped; last good checkpoint kept in {trainer.checkpoints.root}")

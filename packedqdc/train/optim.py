@@ -6,6 +6,10 @@
   0.1 per 10^7 steps).
 - ``plateau``: ``lr = lr0 * lr_scale`` where ``lr_scale`` is multiplied by ``plateau_factor`` after
   ``plateau_patience`` epochs whose valid loss did not improve (host-side, once per epoch).
+- ``cosine``: ``lr = lr0 * (f + (1 - f) * (1 + cos(π p)) / 2)`` with ``f = final_lr_scale`` and ``p``
+  the run's progress in [0, 1] (``schedule_progress``: steps of ``num_epochs``, or time of
+  ``max_time`` when that ends the run first), so the decay fits the run whatever its length.
+- Every schedule is multiplied by a linear warm-up ``min(1, (step + 1) / warmup_steps)``.
 - EMA: ``ema ← d·ema + (1-d)·params`` with ``d = min(ema_decay, (1+t)/(10+t))`` (TF's warm-up).
 """
 
@@ -30,12 +34,29 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     )
 
 
-def learning_rate(cfg: TrainConfig, step: Any, lr_scale: Any) -> Any:
-    """Learning rate at ``step`` (jax or numpy scalars)."""
+def learning_rate(cfg: TrainConfig, step: Any, lr_scale: Any, progress: Any = 0.0) -> Any:
+    """Learning rate at ``step`` and run ``progress`` in [0, 1] (jax or numpy scalars)."""
+    step = jnp.asarray(step, jnp.float32)
+    warm = jnp.minimum(1.0, (step + 1.0) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
     if cfg.lr_schedule == "exponential":
-        decay = cfg.decay_rate ** (jnp.asarray(step, jnp.float32) / cfg.decay_steps)
-        return cfg.learning_rate * decay * lr_scale
-    return cfg.learning_rate * lr_scale
+        return cfg.learning_rate * cfg.decay_rate ** (step / cfg.decay_steps) * lr_scale * warm
+    if cfg.lr_schedule == "cosine":
+        p = jnp.clip(jnp.asarray(progress, jnp.float32), 0.0, 1.0)
+        f = cfg.final_lr_scale
+        return cfg.learning_rate * (f + (1.0 - f) * 0.5 * (1.0 + jnp.cos(jnp.pi * p))) * lr_scale * warm
+    return cfg.learning_rate * lr_scale * warm
+
+
+def schedule_progress(cfg: TrainConfig, step: int, steps_per_epoch: int, elapsed: float, start_progress: float
+                      ) -> float:
+    """How far the run is, in [0, 1]: ``step / (num_epochs · steps_per_epoch)``, or, when
+    ``max_time`` ends the run first, the time used: ``start_progress`` (where this process took the
+    run over) plus its share of the rest, ``(1 - start_progress) · elapsed / max_time``."""
+    by_steps = step / max(cfg.num_epochs * steps_per_epoch, 1)
+    if cfg.max_time is None:
+        return float(min(by_steps, 1.0))
+    by_time = start_progress + (1.0 - start_progress) * elapsed / cfg.max_time
+    return float(min(max(by_steps, by_time), 1.0))
 
 
 def ema_update(ema: Any, params: Any, step: jax.Array, decay: float) -> Any:

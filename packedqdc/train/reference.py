@@ -1,4 +1,11 @@
-"""Per-element reference energies: E ≈ Σ_atoms e_Z + c · Qtot, fitted by least squares.
+"""Per-element reference energies with one offset per total charge: E ≈ Σ_atoms e_Z + c_Q, fitted
+by least squares.
+
+One linear coefficient (``Σ e_Z + c·Qtot``, the fit of runs before 0.2) cannot place cations and
+anions at once: removing an electron costs the ionisation energy, adding one gains the electron
+affinity, and the two differ by hundreds of kcal/mol. So every total charge Q seen in training gets
+its own offset ``c_Q`` (``c_0 = 0`` when neutral molecules are present, so neutral references are
+the element sums). Runs saved with a linear coefficient still load and predict as they did.
 
 The fit streams over the packed memmaps in blocks of molecules (memory O(block)), accumulating the
 normal equations in float64. Training targets are ``E - reference(molecule)`` computed in float64 on
@@ -7,6 +14,7 @@ the host and only then cast to float32, so totals of 10^4..10^5 kcal/mol lose no
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -25,7 +33,8 @@ class ReferenceEnergies:
 
     Attributes:
         table: (119,) float64, kcal/mol per atom of element Z (0 for elements absent from the fit).
-        charge_coef: float, kcal/mol per e of total charge.
+        charge_coef: float, kcal/mol per e of total charge: the linear charge term of runs saved
+            before per-charge offsets (0.0 in new fits).
         per_atom_mean, per_atom_std: mean and std of the residual ``(E - reference) / N`` over the
             fitted molecules, kcal/mol per atom (PhysNet's initial energy shift and scale).
         elements: sorted atomic numbers present in the fitted (training) molecules: the elements
@@ -37,6 +46,32 @@ class ReferenceEnergies:
     per_atom_mean: float
     per_atom_std: float
     elements: tuple[int, ...] = ()
+    charge_offsets: tuple[tuple[int, float], ...] = ()
+
+    @property
+    def charges(self) -> tuple[int, ...]:
+        """Total charges (e) with an offset: those of the fitted molecules (empty for old fits)."""
+        return tuple(q for q, _ in self.charge_offsets)
+
+    def charge_offset(self, Qtot: np.ndarray) -> np.ndarray:
+        """Offset of each total charge, float64 like ``Qtot``, kcal/mol: ``c_Q`` of the per-charge fit,
+        or ``charge_coef · Qtot`` for fits saved before it.
+
+        Raises ConfigError for a total charge the fit never saw (or not an integer): the model
+        has no reference for it.
+        """
+        qtot = np.asarray(Qtot, dtype=np.float64)
+        if not self.charge_offsets:
+            return self.charge_coef * qtot
+        q_int = np.rint(qtot)
+        known = np.array(self.charges, dtype=np.float64)
+        bad = ~np.isclose(qtot, q_int, atol=1e-6) | ~np.isin(q_int, known)
+        if bad.any():
+            first = float(qtot[np.flatnonzero(bad)[0]])
+            raise ConfigError(f"total charge {first:+g} not in the model's training data (it knows "
+                              f"{', '.join(f'{q:+d}' for q in self.charges)})")
+        values = np.array([c for _, c in self.charge_offsets], dtype=np.float64)
+        return values[np.searchsorted(known, q_int)]
 
     def unknown_elements(self, Z: np.ndarray) -> np.ndarray:
         """Sorted atomic numbers in ``Z`` (any shape; 0 is padding and ignored) the model never saw."""
@@ -67,7 +102,7 @@ class ReferenceEnergies:
         per_atom = self.table[np.clip(np.asarray(Z), 0, MAX_Z)]
         qtot = np.asarray(Qtot, dtype=np.float64)
         summed = np.bincount(np.asarray(segments), weights=per_atom, minlength=qtot.shape[0])
-        return summed[: qtot.shape[0]] + self.charge_coef * qtot
+        return summed[: qtot.shape[0]] + self.charge_offset(qtot)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict; floats round-trip exactly through ``json``."""
@@ -77,6 +112,7 @@ class ReferenceEnergies:
             "per_atom_mean": float(self.per_atom_mean),
             "per_atom_std": float(self.per_atom_std),
             "elements": [int(z) for z in self.elements],
+            "charge_offsets": [[int(q), float(c)] for q, c in self.charge_offsets],
         }
 
     @classmethod
@@ -91,6 +127,7 @@ class ReferenceEnergies:
             charge_coef=float(data["charge_coef"]),
             per_atom_mean=float(data["per_atom_mean"]),
             per_atom_std=float(data["per_atom_std"]),
+            charge_offsets=tuple((int(q), float(c)) for q, c in data.get("charge_offsets", [])),
         )
 
 
@@ -122,44 +159,126 @@ def _blocks(data: PackedDataset, selected: np.ndarray, block: int
         yield counts[keep], qtot[keep], energies[keep], n_atoms[keep]
 
 
+def fit_charges(data: PackedDataset, selected: np.ndarray) -> tuple[int, ...]:
+    """Sorted distinct total charges (integers, e) of the selected molecules; SourceError on a
+    non-integer total charge."""
+    if data.Qtot is None:
+        return (0,)
+    qtot = np.asarray(data.Qtot, dtype=np.float64)[selected]
+    values = np.unique(qtot)
+    bad = values[~np.isclose(values, np.rint(values), atol=1e-6)]
+    if bad.size:
+        first = int(np.flatnonzero(selected)[np.flatnonzero(qtot == bad[0])[0]])
+        raise SourceError(f"{data.path}: molecule {first}: total charge {bad[0]} is not an integer")
+    return tuple(sorted({int(q) for q in np.rint(values)}))
+
+
+def design_columns(counts: np.ndarray, qtot: np.ndarray, offset_charges: tuple[int, ...]) -> np.ndarray:
+    """Design matrix of a block: element counts (m, 119), then one indicator per fitted charge."""
+    indicators = np.rint(qtot)[:, None] == np.asarray(offset_charges, dtype=np.float64)[None, :]
+    return np.concatenate([counts, indicators.astype(np.float64)], axis=1)
+
+
+def normal_equations(data: PackedDataset, selected: np.ndarray, offset_charges: tuple[int, ...], block: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """``(XᵀX, Xᵀy)`` in float64 of the design ``design_columns`` against E, streamed by blocks."""
+    width = NUM_ROWS + len(offset_charges)
+    xtx = np.zeros((width, width))
+    xty = np.zeros(width)
+    for counts, qtot, energies, _ in _blocks(data, selected, block):
+        x = design_columns(counts, qtot, offset_charges)
+        xtx += x.T @ x
+        xty += x.T @ energies
+    return xtx, xty
+
+
+def solve_normal_equations(xtx: np.ndarray, xty: np.ndarray) -> np.ndarray:
+    """Least-squares coefficients; columns never seen get 0, collinear ones the minimum-norm solution."""
+    active = np.flatnonzero(np.diag(xtx) > 0)
+    coef = np.zeros(xtx.shape[0])
+    if active.size:
+        sub = xtx[np.ix_(active, active)]
+        scale = np.sqrt(np.diag(sub))  # column scaling keeps the normal equations well conditioned
+        solution = np.linalg.lstsq(sub / np.outer(scale, scale), xty[active] / scale, rcond=None)[0]
+        coef[active] = solution / scale
+    return coef
+
+
 def fit_reference_energies(data: PackedDataset, indices: np.ndarray, block: int = 65536) -> ReferenceEnergies:
-    """Least-squares fit of per-element energies and a total-charge coefficient.
+    """Least-squares fit of per-element energies and one offset per total charge.
 
     Args:
         data: the packed dataset.
         indices: (n,) int molecule indices to fit on (the training split).
         block: molecules read per block.
 
-    Returns the fit; elements absent from ``indices`` get 0, collinear columns get the minimum-norm
-    solution (only predictions matter). Raises SourceError on a non-finite energy.
+    Returns the fit: ``E ≈ Σ e_Z + c_Q``, with ``c_0 = 0`` when neutral molecules are present (the
+    offsets of the other charges are then relative to the neutral element sums). Elements absent
+    from ``indices`` get 0, collinear columns the minimum-norm solution (only predictions matter).
+    Raises SourceError on a non-finite energy or a non-integer total charge.
     """
     selected = np.zeros(data.n_molecules, dtype=bool)
     selected[np.asarray(indices, dtype=np.int64)] = True
-    xtx = np.zeros((NUM_ROWS + 1, NUM_ROWS + 1))
-    xty = np.zeros(NUM_ROWS + 1)
-    for counts, qtot, energies, _ in _blocks(data, selected, block):
-        x = np.concatenate([counts, qtot[:, None]], axis=1)
-        xtx += x.T @ x
-        xty += x.T @ energies
-    active = np.flatnonzero(np.diag(xtx) > 0)
-    coef = np.zeros(NUM_ROWS + 1)
-    if active.size:
-        sub = xtx[np.ix_(active, active)]
-        scale = np.sqrt(np.diag(sub))  # column scaling keeps the normal equations well conditioned
-        solution = np.linalg.lstsq(sub / np.outer(scale, scale), xty[active] / scale, rcond=None)[0]
-        coef[active] = solution / scale
-    table, charge_coef = coef[:NUM_ROWS], float(coef[NUM_ROWS])
+    charges = fit_charges(data, selected)
+    offset_charges = tuple(q for q in charges if q != 0) if 0 in charges else charges
+    xtx, xty = normal_equations(data, selected, offset_charges, block)
+    coef = solve_normal_equations(xtx, xty)
+    table = coef[:NUM_ROWS].copy()
     table[0] = 0.0
+    fitted = dict(zip(offset_charges, coef[NUM_ROWS:].tolist()))
+    offsets = tuple((q, float(fitted.get(q, 0.0))) for q in charges)
     elements = tuple(int(z) for z in np.flatnonzero(np.diag(xtx)[:NUM_ROWS] > 0) if z > 0)
+    reference = ReferenceEnergies(table=table, charge_coef=0.0, per_atom_mean=0.0, per_atom_std=0.0,
+                                  elements=elements, charge_offsets=offsets)
 
     total, total_sq, count = 0.0, 0.0, 0
     for counts, qtot, energies, n_atoms in _blocks(data, selected, block):
-        residual = (energies - counts @ table - charge_coef * qtot) / np.maximum(n_atoms, 1)
+        residual = (energies - counts @ table - reference.charge_offset(qtot)) / np.maximum(n_atoms, 1)
         total += float(residual.sum())
         total_sq += float((residual * residual).sum())
         count += residual.shape[0]
     mean = total / max(count, 1)
     std = float(np.sqrt(max(total_sq / max(count, 1) - mean * mean, 0.0)))
-    return ReferenceEnergies(table=table, charge_coef=charge_coef, per_atom_mean=mean, per_atom_std=std,
-                             elements=elements)
+    return dataclasses.replace(reference, per_atom_mean=mean, per_atom_std=std)
 
+
+def uniform_charge_coulomb(R: np.ndarray, qtot: float, cutoff: float) -> float:
+    """Coulomb energy (kcal/mol) of PhysNet's electrostatics when the total charge ``qtot`` is spread
+    evenly over the ``N`` atoms at ``R`` (N, 3) Å: what the model adds at initialisation, where its
+    own charges are zero and the charge correction makes every q̃_i = qtot/N."""
+    from ..model.electrostatics import COULOMB_CONSTANT, coulomb_kernel
+
+    n = R.shape[0]
+    if n < 2 or qtot == 0:
+        return 0.0
+    d = np.linalg.norm(R[:, None, :] - R[None, :, :], axis=-1)[~np.eye(n, dtype=bool)]
+    chi = np.asarray(coulomb_kernel(d.astype(np.float32), cutoff), dtype=np.float64)
+    return float(0.5 * COULOMB_CONSTANT * (qtot / n) ** 2 * chi.sum())
+
+
+def with_initial_coulomb(reference: ReferenceEnergies, data: PackedDataset, indices: np.ndarray, cutoff: float,
+                         per_charge: int = 512, seed: int = 0) -> ReferenceEnergies:
+    """The reference with each charged offset ``c_Q`` lowered by the mean Coulomb energy the model
+    starts with on molecules of charge Q (``uniform_charge_coulomb``, over up to ``per_charge``
+    seeded molecules of the split).
+
+    Without it every ion starts 60-85 kcal/mol too high (cations and anions alike: a like-signed
+    charge spread over a few Å), and atoms that do not see the total charge must learn to cancel
+    it. Neutral molecules are unchanged (their uniform charge is 0).
+    """
+    if not reference.charge_offsets or data.Qtot is None:
+        return reference
+    indices = np.asarray(indices, dtype=np.int64)
+    qtot = np.rint(np.asarray(data.Qtot, dtype=np.float64)[indices])
+    rng = np.random.default_rng(seed)
+    offsets = []
+    for q, c in reference.charge_offsets:
+        members = indices[qtot == q]
+        if q == 0 or members.size == 0:
+            offsets.append((q, c))
+            continue
+        chosen = rng.choice(members, size=min(per_charge, members.size), replace=False)
+        mean = np.mean([uniform_charge_coulomb(data.molecule(int(i))["R"].astype(np.float64), float(q), cutoff)
+                        for i in chosen])
+        offsets.append((q, c - float(mean)))
+    return dataclasses.replace(reference, charge_offsets=tuple(offsets))

@@ -28,10 +28,10 @@ from .config import TrainConfig
 from .data import LoaderStream, default_data_path, split
 from .loop import Trainer
 from .optim import make_optimizer
-from .reference import ReferenceEnergies, fit_reference_energies
+from .reference import ReferenceEnergies, fit_reference_energies, with_initial_coulomb
 from .runlock import LOCK_FILE, RunLock
 from .state import TrainState, create_state
-from .step import loss_weights, make_eval_step, make_train_step
+from .step import PROGRESS_KEY, loss_weights, make_eval_step, make_train_step
 
 CONFIG_FILE = "config.json"
 #: files whose sha256 (from meta.json) identify a dataset when a run is resumed on a copy
@@ -55,7 +55,8 @@ def model_for(cfg: TrainConfig, reference: ReferenceEnergies, electrostatics: bo
     return PhysNet(features=cfg.features, num_basis=cfg.num_basis, cutoff=cfg.cutoff,
                    num_iterations=cfg.num_iterations, electrostatics=electrostatics,
                    energy_scale_init=max(reference.per_atom_std, 1e-3),
-                   energy_shift_init=reference.per_atom_mean, natoms=cfg.num_atoms)
+                   energy_shift_init=reference.per_atom_mean, natoms=cfg.num_atoms,
+                   charge_embedding=cfg.charge_embedding)
 
 
 def _loaders(cfg: TrainConfig) -> tuple[PackedMemmapLoader, PackedMemmapLoader]:
@@ -190,6 +191,8 @@ def _start(cfg: TrainConfig, run_dir: Path, placement: Placement, lock: RunLock 
     charged = ds.Qtot is not None and bool((np.asarray(ds.Qtot)[train_idx] != 0).any())
     electrostatics = charged if cfg.electrostatics is None else cfg.electrostatics
     cfg = cfg.replace(electrostatics=electrostatics)
+    if electrostatics:  # ions start near their energies, not 60-85 kcal/mol above them
+        reference = with_initial_coulomb(reference, ds, train_idx, cfg.cutoff, seed=cfg.seed)
     model = model_for(cfg, reference, electrostatics)
     streams = _streams(cfg, loaders, reference, placement.num_local_devices)
     state = initial_state(cfg, model, streams[0])
@@ -242,6 +245,8 @@ def _resume(run_dir: Path, num_epochs: int | None, max_time: float | None, data_
     identity = meta.get("dataset") or dataset_identity(streams[0].loader.dataset)
     trainer = _assemble(cfg, run_dir, model, reference, state, streams, bool(meta["has_forces"]), placement,
                         identity, lock, checkpoints)
+    if PROGRESS_KEY in meta:  # where the learning-rate schedule had got to
+        trainer.extra_meta[PROGRESS_KEY] = float(meta[PROGRESS_KEY])
     best = meta.get("best_valid_loss")
     trainer.best_valid_loss = math.inf if best is None else float(best)
     if is_main_process():

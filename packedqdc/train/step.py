@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..model.physnet import PhysNet
+from ..units import EV_TO_KCAL_MOL
 from .config import TrainConfig
 from .loss import LossWeights, global_batch_sums, loss_from_sums
 from .optim import ema_update, learning_rate, make_optimizer
@@ -30,12 +31,24 @@ DEVICE_KEYS: dict[str, Any] = {
 }
 
 Sums = dict[str, jax.Array]
+#: Optional key of a global batch: (D,) float32, the run's progress in [0, 1] for the learning-rate
+#: schedule (``optim.schedule_progress``), the same value for every device.
+PROGRESS_KEY = "schedule_progress"
 
 
 def loss_weights(cfg: TrainConfig, has_forces: bool = True) -> LossWeights:
-    """The loss settings of ``cfg``; the force term is dropped for data without forces."""
-    return LossWeights(energy=cfg.energy_weight, forces=cfg.forces_weight if has_forces else 0.0,
-                       charge=cfg.charge_weight, nh=cfg.nh_weight, kind=cfg.loss)
+    """The loss settings of ``cfg``; the force term is dropped for data without forces.
+
+    The errors come in kcal/mol; with ``loss_unit="ev"`` the energy and force terms are converted
+    to eV (÷ 23.06 for "mae", ÷ 23.06² for "mse"). The charge and nh weights are energies in the
+    loss unit; unset, they are PhysNet's (14.40 eV per e, 0.01 eV) in that unit, so the balance of
+    the terms is PhysNet's in either unit.
+    """
+    unit = 1.0 if cfg.loss_unit == "kcal/mol" else 1.0 / EV_TO_KCAL_MOL
+    scale = unit if cfg.loss == "mae" else unit * unit
+    charge, nh = cfg.loss_term_weights()
+    return LossWeights(energy=cfg.energy_weight * scale, forces=cfg.forces_weight * scale if has_forces else 0.0,
+                       charge=charge, nh=nh, kind=cfg.loss)
 
 
 def prepare_batch(batch: Mapping[str, np.ndarray], reference: ReferenceEnergies) -> dict[str, np.ndarray]:
@@ -86,7 +99,9 @@ def make_train_step(model: PhysNet, cfg: TrainConfig, weights: LossWeights
 
         (loss, sums), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
         direction, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        lr = learning_rate(cfg, state.step, state.lr_scale)
+        # the host's schedule progress rides with the batch, one copy per device (PROGRESS_KEY)
+        progress = jnp.max(global_batch[PROGRESS_KEY]) if PROGRESS_KEY in global_batch else 0.0
+        lr = learning_rate(cfg, state.step, state.lr_scale, progress)
         params = jax.tree.map(lambda p, u: p - lr * u, state.params, direction)
         new_state = state.replace(
             params=params,
