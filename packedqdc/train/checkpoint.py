@@ -37,7 +37,7 @@ class RunCheckpoints:
     def __init__(self, run_dir: str | Path, read_only: bool = False) -> None:
         self.root = Path(run_dir).absolute() / "checkpoints"
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=1, create=not read_only, read_only=read_only, enable_async_checkpointing=False,
+            max_to_keep=None if read_only else 1, create=not read_only, read_only=read_only, enable_async_checkpointing=False,
             cleanup_tmp_directories=not read_only)
         self._managers = {
             kind: ocp.CheckpointManager(self.root / kind, options=options, item_names=("state", "meta"))
