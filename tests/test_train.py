@@ -13,10 +13,8 @@ import pytest
 from typer.testing import CliRunner
 
 from packedqdc.cli import app
-from packedqdc.data import SAMPLE_NPZ
 from packedqdc.errors import TargetExistsError, TrainingError
 from packedqdc.format import open_packed
-from packedqdc.pack import pack_npz
 from packedqdc.train import Potential, RunCheckpoints, TrainConfig, evaluate_run, fit, resume_run, start_run
 
 TINY = dict(features=16, num_iterations=2, num_basis=16, batch_size=16, layout="padded", num_atoms=15,
@@ -25,11 +23,6 @@ TINY = dict(features=16, num_iterations=2, num_basis=16, batch_size=16, layout="
 
 def _equal_trees(a, b) -> bool:
     return all(jax.tree.leaves(jax.tree.map(lambda x, y: bool(np.array_equal(np.asarray(x), np.asarray(y))), a, b)))
-
-
-@pytest.fixture(scope="module")
-def sample_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return pack_npz(SAMPLE_NPZ, tmp_path_factory.mktemp("data") / "sample").path
 
 
 @pytest.fixture(scope="module")

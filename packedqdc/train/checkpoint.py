@@ -36,9 +36,12 @@ class RunCheckpoints:
 
     def __init__(self, run_dir: str | Path, read_only: bool = False) -> None:
         self.root = Path(run_dir).absolute() / "checkpoints"
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=1, create=not read_only, read_only=read_only, enable_async_checkpointing=False,
-            cleanup_tmp_directories=not read_only)
+        if read_only:  # orbax's read-only mode, stated in full so that it has nothing to warn about
+            options = ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None,
+                                                   save_interval_steps=0, enable_async_checkpointing=False)
+        else:
+            options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True, enable_async_checkpointing=False,
+                                                   cleanup_tmp_directories=True)
         self._managers = {
             kind: ocp.CheckpointManager(self.root / kind, options=options, item_names=("state", "meta"))
             for kind in KINDS
