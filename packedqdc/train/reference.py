@@ -246,14 +246,25 @@ def uniform_charge_coulomb(R: np.ndarray, qtot: float, cutoff: float) -> float:
     """Coulomb energy (kcal/mol) of PhysNet's electrostatics when the total charge ``qtot`` is spread
     evenly over the ``N`` atoms at ``R`` (N, 3) Å: what the model adds at initialisation, where its
     own charges are zero and the charge correction makes every q̃_i = qtot/N."""
+    return float(_uniform_charge_coulomb([np.asarray(R, dtype=np.float64)], [qtot], cutoff)[0])
+
+
+def _uniform_charge_coulomb(Rs: list[np.ndarray], qtots: list[float], cutoff: float) -> np.ndarray:
+    """``uniform_charge_coulomb`` of many molecules with one call of the kernel: (m,) float64."""
     from ..model.electrostatics import COULOMB_CONSTANT, coulomb_kernel
 
-    n = R.shape[0]
-    if n < 2 or qtot == 0:
-        return 0.0
-    d = np.linalg.norm(R[:, None, :] - R[None, :, :], axis=-1)[~np.eye(n, dtype=bool)]
-    chi = np.asarray(coulomb_kernel(d.astype(np.float32), cutoff), dtype=np.float64)
-    return float(0.5 * COULOMB_CONSTANT * (qtot / n) ** 2 * chi.sum())
+    distances, owners = [], []
+    for k, R in enumerate(Rs):
+        n = R.shape[0]
+        d = np.linalg.norm(R[:, None, :] - R[None, :, :], axis=-1)[~np.eye(n, dtype=bool)]
+        distances.append(d)
+        owners.append(np.full(d.size, k))
+    if not distances or not sum(d.size for d in distances):
+        return np.zeros(len(Rs))
+    chi = np.asarray(coulomb_kernel(np.concatenate(distances).astype(np.float32), cutoff), dtype=np.float64)
+    sums = np.bincount(np.concatenate(owners), weights=chi, minlength=len(Rs))
+    n_atoms = np.array([max(R.shape[0], 1) for R in Rs], dtype=np.float64)
+    return 0.5 * COULOMB_CONSTANT * (np.asarray(qtots, dtype=np.float64) / n_atoms) ** 2 * sums
 
 
 def with_initial_coulomb(reference: ReferenceEnergies, data: PackedDataset, indices: np.ndarray, cutoff: float,
@@ -277,8 +288,8 @@ def with_initial_coulomb(reference: ReferenceEnergies, data: PackedDataset, indi
         if q == 0 or members.size == 0:
             offsets.append((q, c))
             continue
-        chosen = rng.choice(members, size=min(per_charge, members.size), replace=False)
-        mean = np.mean([uniform_charge_coulomb(data.molecule(int(i))["R"].astype(np.float64), float(q), cutoff)
-                        for i in chosen])
-        offsets.append((q, c - float(mean)))
+        chosen = np.sort(rng.choice(members, size=min(per_charge, members.size), replace=False))
+        Rs = [np.asarray(data.molecule(int(i))["R"], dtype=np.float64) for i in chosen]
+        mean = float(_uniform_charge_coulomb(Rs, [float(q)] * len(Rs), cutoff).mean())
+        offsets.append((q, c - mean))
     return dataclasses.replace(reference, charge_offsets=tuple(offsets))
