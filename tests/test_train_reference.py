@@ -109,3 +109,34 @@ def test_initial_coulomb_energy_of_ions_moves_into_their_offsets(tmp_path: Path)
                         for i in members])
         assert shifted[q] == pytest.approx(c - mean, abs=1e-6)
     assert shifted[0] == 0.0 and shifted[1] < 200.0 and shifted[-1] < 10.0
+
+
+def test_cosine_schedule_fits_the_run_and_warm_up() -> None:
+    from packedqdc.train.optim import learning_rate, schedule_progress
+
+    cfg = TrainConfig(lr_schedule="cosine", learning_rate=1e-3, final_lr_scale=0.01, warmup_steps=10, num_epochs=4)
+    # by steps: 4 epochs of 25 steps
+    assert schedule_progress(cfg, 50, 25, elapsed=1.0, start_progress=0.0) == pytest.approx(0.5)
+    assert float(learning_rate(cfg, 0, 1.0, 0.0)) == pytest.approx(1e-4)          # warm-up: 1/10
+    assert float(learning_rate(cfg, 50, 1.0, 0.5)) == pytest.approx(1e-3 * (0.01 + 0.99 * 0.5), rel=1e-5)
+    assert float(learning_rate(cfg, 100, 1.0, 1.0)) == pytest.approx(1e-5, rel=1e-4)
+    # by time, when --max-time ends the run first; a resumed run spreads the rest over its new budget
+    timed = cfg.replace(max_time=100.0)
+    assert schedule_progress(timed, 10, 25, elapsed=60.0, start_progress=0.0) == pytest.approx(0.6)
+    assert schedule_progress(timed, 10, 25, elapsed=50.0, start_progress=0.6) == pytest.approx(0.8)
+    assert schedule_progress(timed, 10, 25, elapsed=500.0, start_progress=0.0) == 1.0
+    # the other schedules ignore progress; warm-up applies to them too
+    exp = TrainConfig(warmup_steps=4)
+    assert float(learning_rate(exp, 1, 1.0, 0.9)) == pytest.approx(0.5e-3 * 0.1 ** (1 / 1e7), rel=1e-6)
+
+
+def test_a_config_saved_before_new_options_keeps_its_behaviour(tmp_path: Path) -> None:
+    old = TrainConfig(charge_weight=14.399645351950548, nh_weight=0.01).to_dict()
+    for key in ("loss_unit", "warmup_steps", "charge_embedding"):
+        del old[key]
+    cfg = TrainConfig.from_dict(old)
+    assert cfg.loss_unit == "kcal/mol" and cfg.warmup_steps == 0 and cfg.charge_embedding is False
+    assert cfg.loss_term_weights() == (14.399645351950548, 0.01)
+    # unit-aware defaults: PhysNet's eV weights in the loss unit
+    assert TrainConfig().loss_term_weights() == pytest.approx((332.0637, 0.2306055), rel=1e-5)
+    assert TrainConfig(loss_unit="ev").loss_term_weights() == pytest.approx((14.399645, 0.01), rel=1e-6)
