@@ -405,3 +405,13 @@ def test_charge_embedding_lets_atoms_see_the_total_charge(mols):
     padded = build_batch([(z, r, 1.0)], num_atoms=len(z) + 3, num_mols=2, num_pairs=len(z) * (len(z) - 1) + 5)
     e_padded = np.asarray(predict(model, params, padded)["energy"])[0]
     assert e_padded == pytest.approx(float(np.asarray(predict(model, params, cation)["energy"])[0]), rel=1e-5)
+
+
+def test_charge_embedding_is_a_stored_attribute():
+    from packedqdc.train.session import build_model
+
+    model = PhysNet(features=16, num_basis=8, charge_embedding=True)
+    attrs = model.return_attributes()
+    assert attrs["charge_embedding"] is True and build_model(attrs) == model
+    old = {k: v for k, v in attrs.items() if k != "charge_embedding"}  # checkpoints from before the field
+    assert build_model(old).charge_embedding is False

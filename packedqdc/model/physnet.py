@@ -101,7 +101,7 @@ class PhysNet(nn.Module):
         for name in ("features", "num_basis", "cutoff", "num_iterations", "num_res_atomic",
                      "num_res_interaction", "num_res_output", "max_z", "electrostatics",
                      "energy_scale_init", "energy_shift_init", "charge_scale_init",
-                     "charge_shift_init", "natoms", "precision"):
+                     "charge_shift_init", "natoms", "charge_embedding", "precision"):
             value = getattr(self, name)
             if isinstance(value, (tuple, list)):
                 value = list(value)
