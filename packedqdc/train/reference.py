@@ -12,8 +12,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ..elements import MAX_Z
-from ..errors import SourceError
+from ..elements import MAX_Z, symbol
+from ..errors import ConfigError, SourceError
 from ..format import E_FILE, PackedDataset
 
 NUM_ROWS = MAX_Z + 1  # rows of the element table: index 0 (padding) is always 0
@@ -28,12 +28,27 @@ class ReferenceEnergies:
         charge_coef: float, kcal/mol per e of total charge.
         per_atom_mean, per_atom_std: mean and std of the residual ``(E - reference) / N`` over the
             fitted molecules, kcal/mol per atom (PhysNet's initial energy shift and scale).
+        elements: sorted atomic numbers present in the fitted (training) molecules: the elements
+            the model has learned. Checkpoints written before this field fall back to the nonzero
+            entries of ``table``.
     """
 
     table: np.ndarray
     charge_coef: float
     per_atom_mean: float
     per_atom_std: float
+    elements: tuple[int, ...] = ()
+
+    def check_elements(self, Z: np.ndarray, where: str) -> None:
+        """Raise ConfigError (one line, starting with ``where``) if ``Z`` holds an element the model
+        was not trained on. ``Z``: int atomic numbers of any shape; 0 (padding) is ignored."""
+        present = np.unique(np.asarray(Z, dtype=np.int64))
+        unknown = [int(z) for z in present if z != 0 and int(z) not in self.elements]
+        if unknown:
+            names = ", ".join(symbol(z) for z in unknown)
+            known = ", ".join(symbol(z) for z in self.elements)
+            raise ConfigError(f"{where}: element(s) {names} not in the model's training data "
+                              f"(it was trained on {known})")
 
     def molecule_energies(self, Z: np.ndarray, segments: np.ndarray, Qtot: np.ndarray) -> np.ndarray:
         """Reference energy of each molecule slot, float64 (M,), kcal/mol.
@@ -55,15 +70,21 @@ class ReferenceEnergies:
             "charge_coef": float(self.charge_coef),
             "per_atom_mean": float(self.per_atom_mean),
             "per_atom_std": float(self.per_atom_std),
+            "elements": [int(z) for z in self.elements],
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ReferenceEnergies:
+        table = np.asarray(data["table"], dtype=np.float64)
+        elements = data.get("elements")
+        if elements is None:  # checkpoints written before ``elements`` was stored
+            elements = np.flatnonzero(table[1:]) + 1
         return cls(
-            table=np.asarray(data["table"], dtype=np.float64),
+            table=table,
             charge_coef=float(data["charge_coef"]),
             per_atom_mean=float(data["per_atom_mean"]),
             per_atom_std=float(data["per_atom_std"]),
+            elements=tuple(int(z) for z in elements),
         )
 
 
@@ -128,4 +149,6 @@ def fit_reference_energies(data: PackedDataset, indices: np.ndarray, block: int 
         count += residual.shape[0]
     mean = total / max(count, 1)
     std = float(np.sqrt(max(total_sq / max(count, 1) - mean * mean, 0.0)))
-    return ReferenceEnergies(table=table, charge_coef=charge_coef, per_atom_mean=mean, per_atom_std=std)
+    elements = tuple(int(z) for z in np.flatnonzero(np.diag(xtx)[1:NUM_ROWS] > 0) + 1)
+    return ReferenceEnergies(table=table, charge_coef=charge_coef, per_atom_mean=mean, per_atom_std=std,
+                             elements=elements)
