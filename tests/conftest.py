@@ -38,3 +38,26 @@ def packed_dir(tmp_path: Path, make_padded: PaddedFactory) -> Path:
     npz = tmp_path / "src.npz"
     np.savez(npz, **make_padded())
     return pack_npz(npz, tmp_path / "packed").path
+
+
+@pytest.fixture(scope="session")
+def sample_packed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled sample, packed once per session."""
+    from packedqdc.data import SAMPLE_NPZ
+
+    return pack_npz(SAMPLE_NPZ, tmp_path_factory.mktemp("sample") / "sample").path
+
+
+@pytest.fixture(scope="session")
+def trained_run(sample_packed: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny PhysNet (features 16, 2 modules) trained 4 epochs on the sample in the default
+    (packed) layout: the run directory. Shared by the calculator, predict and plot tests."""
+    from packedqdc.train import TrainConfig, fit, start_run
+
+    runs = tmp_path_factory.mktemp("runs")
+    trainer = start_run(TrainConfig(data_path=str(sample_packed), runs_dir=str(runs), name="tiny", num_epochs=4,
+                                    features=16, num_iterations=2, num_basis=16, batch_size=16,
+                                    learning_rate=3e-3, valid_fraction=0.2))
+    fit(trainer)
+    trainer.checkpoints.close()
+    return trainer.run_dir

@@ -5,7 +5,7 @@ Each command lives in its own module and only parses flags, calls the library an
 
 from __future__ import annotations
 
-from . import evaluate, pack, predict, stats, train, validate  # noqa: F401  (register commands)
+from . import evaluate, pack, plot, predict, stats, train, validate  # noqa: F401  (register commands)
 from .app import app
 
 
