@@ -50,13 +50,13 @@ def sample_packed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_run(sample_packed: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny PhysNet (features 16, 2 modules) trained 4 epochs on the sample in the default
-    (packed) layout: the run directory. Shared by the calculator, predict and plot tests."""
+    """A tiny PhysNet (features 16, 2 modules) trained 30 epochs on the sample (padded layout: one
+    compiled train shape): the run directory. Shared by the calculator, predict and plot tests."""
     from packedqdc.train import TrainConfig, fit, start_run
 
     runs = tmp_path_factory.mktemp("runs")
-    trainer = start_run(TrainConfig(data_path=str(sample_packed), runs_dir=str(runs), name="tiny", num_epochs=4,
-                                    features=16, num_iterations=2, num_basis=16, batch_size=16,
+    trainer = start_run(TrainConfig(data_path=str(sample_packed), runs_dir=str(runs), name="tiny", num_epochs=30,
+                                    features=16, num_iterations=2, num_basis=16, batch_size=16, layout="padded", num_atoms=15,
                                     learning_rate=3e-3, valid_fraction=0.2))
     fit(trainer)
     trainer.checkpoints.close()

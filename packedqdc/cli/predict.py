@@ -28,7 +28,7 @@ def predict(
     """Predict energies, forces and partial charges of every molecule of INPUT, in input order."""
     from ..errors import ConfigError
     from ..predictions import output_format, read_structures, write_predictions
-    from ..train.inference import predict_molecules, predict_packed
+    from ..train.inference import pack_structures, predict_packed
     from ..train.predict import Potential
 
     output_format(output, force)
@@ -38,18 +38,15 @@ def predict(
         raise ConfigError(f"{input_path}: INPUT does not exist")
     potential = Potential.load(run_dir, checkpoint)
     with _progress() as progress, tempfile.TemporaryDirectory(prefix=".packedqdc-predict-", dir=output.parent) as scratch:
-        if input_path.is_dir():
-            from ..format import open_packed
+        from ..format import open_packed
 
-            total = open_packed(input_path).n_molecules
-            task = progress.add_task("predict", total=total)
-            result = predict_packed(potential, input_path, batch_size, devices, scratch=Path(scratch),
-                                    on_batch=lambda n: progress.advance(task, n))
-        else:
+        data = input_path
+        if not input_path.is_dir():  # a structure file: packed into the scratch directory first
             Zs, Rs, Qtots = read_structures(input_path, charge, known_elements=potential.reference)
-            task = progress.add_task("predict", total=len(Zs))
-            result = predict_molecules(potential, Zs, Rs, Qtots, batch_size or int(potential.meta["config"]["batch_size"]),
-                                       on_batch=lambda n: progress.advance(task, n))
+            data = pack_structures(Zs, Rs, Qtots, Path(scratch) / "structures")
+        task = progress.add_task("predict", total=open_packed(data).n_molecules)
+        result = predict_packed(potential, data, batch_size, devices, scratch=Path(scratch),
+                                on_batch=lambda n: progress.advance(task, n))
         write_predictions(result, output, force)
     rate = result.n_molecules / result.seconds if result.seconds > 0 else float("nan")
     console.print(f"{result.n_molecules:,} molecules in {result.seconds:.2f} s ({rate:,.0f} molecules/s, "

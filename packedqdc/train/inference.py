@@ -1,5 +1,6 @@
-"""Batch prediction over many molecules: a packed directory (the loader's packed batches, all devices)
-or a list of molecules (e.g. read by ASE). Results are one ``PredictionSet`` in input order.
+"""Batch prediction over many molecules: a packed directory (the loader's packed batches, all devices),
+or molecules in memory (e.g. read by ASE), first written to a scratch packed directory so that they
+are batched the same way. Results are one ``PredictionSet`` in input order.
 
 A packed directory is read with ``PackedMemmapLoader(..., shuffle=False)`` in its ``packed`` layout
 (a few ``(A, M, P)`` budget classes, so a few compilations), each batch dealt over the devices of a
@@ -9,6 +10,7 @@ dataset, which may be memmaps in a scratch directory so that memory stays bounde
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +19,10 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
-from ..format import open_packed
+from ..format import MoleculeChunk, PackedWriter, open_packed
 from ..loader import PackedMemmapLoader
-from ..parallel import make_placement
+from ..model.physnet import PhysNet
+from ..parallel import Placement, make_placement
 from .predict import Potential, energy_forces_charges
 
 #: Keys (and device dtypes) of a loader batch the model reads.
@@ -76,6 +79,17 @@ def _outputs(m: int, n: int, scratch: Path | None) -> tuple[np.ndarray, np.ndarr
     return tuple(out)  # type: ignore[return-value]
 
 
+@functools.lru_cache(maxsize=8)
+def _global_step(model: PhysNet, placement: Placement) -> Callable[[Any, Any], tuple[Any, Any, Any]]:
+    """Jitted ``(params, global batch (D, ...)) -> (energy (D, M), forces (D, A, 3), charges (D, A))``,
+    the batch and outputs sharded over the mesh, parameters replicated; cached, so calls in one
+    process share compilations (one per budget class)."""
+    def step(params: Any, global_batch: Any) -> tuple[Any, Any, Any]:
+        return jax.vmap(lambda batch: energy_forces_charges(model, params, batch))(global_batch)
+
+    return jax.jit(step, in_shardings=(placement.replicated, placement.batch), out_shardings=placement.batch)
+
+
 def check_dataset_elements(potential: Potential, data_path: str | Path, chunk: int = 1 << 22) -> None:
     """ConfigError naming the first molecule of ``data_path`` with an element the model has not
     learned (the ``Z`` file is read in chunks of ``chunk`` atoms)."""
@@ -117,8 +131,7 @@ def predict_packed(potential: Potential, data_path: str | Path, batch_size: int 
     offsets = np.asarray(ds.offsets, dtype=np.int64)
     E, F, charges = _outputs(m, n, scratch)
     params = placement.replicate(potential.params)
-    step = jax.jit(lambda p, b: jax.vmap(lambda one: energy_forces_charges(potential.model, p, one))(b),
-                   in_shardings=(placement.replicated, placement.batch), out_shardings=placement.batch)
+    step = _global_step(potential.model, placement)
     reference = potential.reference
 
     def store(item: dict[str, np.ndarray], result: tuple[Any, Any, Any]) -> None:
@@ -162,30 +175,17 @@ def predict_packed(potential: Potential, data_path: str | Path, batch_size: int 
                          charges=charges, seconds=time.perf_counter() - start)
 
 
-def predict_molecules(potential: Potential, Zs: Sequence[np.ndarray], Rs: Sequence[np.ndarray],
-                      Qtots: Sequence[float], batch_size: int = 64,
-                      on_batch: Callable[[int], None] | None = None) -> PredictionSet:
-    """Predict molecules given in memory (Z (n_i,) int, R (n_i, 3) Å, Qtot e), in input order.
-
-    Molecules are batched in order of size, so batches of similar molecules share few shapes.
-    """
-    m = len(Zs)
-    N = np.asarray([len(z) for z in Zs], dtype=np.int32)
-    offsets = np.concatenate([[0], np.cumsum(N, dtype=np.int64)])
-    E, F, charges = _outputs(m, int(offsets[-1]), None)
-    order = np.argsort(N, kind="stable")
-    start = time.perf_counter()
-    for lo in range(0, m, batch_size):
-        chunk = order[lo:lo + batch_size]
-        out = potential.predict_properties([Zs[i] for i in chunk], [Rs[i] for i in chunk],
-                                           [Qtots[i] for i in chunk], batch_size=batch_size)
-        E[chunk] = out.energies
-        for i, f, q in zip(chunk, out.forces, out.charges):
-            F[offsets[i]:offsets[i + 1]] = f
-            charges[offsets[i]:offsets[i + 1]] = q
-        if on_batch is not None:
-            on_batch(len(chunk))
-    Z = np.concatenate([np.asarray(z, np.int32) for z in Zs]) if m else np.zeros(0, np.int32)
-    R = np.concatenate([np.asarray(r, np.float32).reshape(-1, 3) for r in Rs]) if m else np.zeros((0, 3), np.float32)
-    return PredictionSet(N=N, Z=Z, R=R, Qtot=np.asarray(Qtots, dtype=np.float64), E=E, F=F, charges=charges,
-                         seconds=time.perf_counter() - start)
+def pack_structures(Zs: Sequence[np.ndarray], Rs: Sequence[np.ndarray], Qtots: Sequence[float],
+                    target: Path, chunk: int = 4096) -> Path:
+    """Write molecules given in memory (Z (n_i,) int, R (n_i, 3) Å, Qtot e) as a packed directory
+    ``target`` without labels (E = 0), so that ``predict_packed`` batches them like any dataset."""
+    with PackedWriter(target, has_forces=False, has_qtot=True, provenance={"source": "packedqdc predict"}) as writer:
+        for lo in range(0, len(Zs), chunk):
+            z, r = Zs[lo:lo + chunk], Rs[lo:lo + chunk]
+            writer.append(MoleculeChunk(
+                n_atoms=np.asarray([len(x) for x in z], np.int32),
+                Z=np.concatenate([np.asarray(x, np.int32) for x in z]),
+                R=np.concatenate([np.asarray(x, np.float32).reshape(-1, 3) for x in r]),
+                E=np.zeros(len(z)), Qtot=np.asarray(Qtots[lo:lo + chunk], np.float64)))
+        writer.commit()
+    return target
