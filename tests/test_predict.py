@@ -112,6 +112,16 @@ def test_predict_refusals(trained_run: Path, sample_packed: Path, packed_npz: Pa
     assert not list(tmp_path.glob("o.*")) and not list(tmp_path.glob(".*tmp*"))
 
 
+def test_predict_packed_unseen_element_names_the_molecule(trained_run: Path, packed_dir: Path, tmp_path: Path) -> None:
+    ds = open_packed(packed_dir)  # random elements 1..9: He, Li, Be, B were never in the sample
+    first = next(i for i in range(ds.n_molecules) if np.isin(ds.molecule(i)["Z"], [2, 3, 4, 5]).any())
+    out = tmp_path / "out"
+    out.mkdir()
+    line = _one_line_error(runner.invoke(app, ["predict", str(trained_run), str(packed_dir), "-o", str(out / "o.npz")]))
+    assert f"molecule {first}:" in line and "not in the model's training data" in line
+    assert not list(out.iterdir())
+
+
 def test_predict_over_two_devices_equals_one(trained_run: Path, sample_packed: Path, packed_npz: Path, tmp_path: Path) -> None:
     """Two (host) devices: the loader's batches dealt over a mesh give the same predictions."""
     out = tmp_path / "two.npz"

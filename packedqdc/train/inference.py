@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
+from ..errors import TrainingError
 from ..format import MoleculeChunk, PackedWriter, open_packed
 from ..loader import PackedMemmapLoader
 from ..model.physnet import PhysNet
@@ -130,6 +131,7 @@ def predict_packed(potential: Potential, data_path: str | Path, batch_size: int 
     m, n = ds.n_molecules, ds.n_atoms_total
     offsets = np.asarray(ds.offsets, dtype=np.int64)
     E, F, charges = _outputs(m, n, scratch)
+    done = np.zeros(m, bool)
     params = placement.replicate(potential.params)
     step = _global_step(potential.model, placement)
     reference = potential.reference
@@ -142,6 +144,7 @@ def predict_packed(potential: Potential, data_path: str | Path, batch_size: int 
             e_ref = reference.molecule_energies(item["Z"][d], seg, item["Qtot"][d])
             idx = item["mol_idx"][d]
             E[idx[mol_mask]] = energy[d][mol_mask].astype(np.float64) + e_ref[mol_mask]
+            done[idx[mol_mask]] = True
             # atoms of a molecule are contiguous in its batch: atom k of a run of one slot is atom k
             slots = seg[atom_mask]
             first = np.r_[True, slots[1:] != slots[:-1]]
@@ -167,6 +170,9 @@ def predict_packed(potential: Potential, data_path: str | Path, batch_size: int 
         pending = (item, result)
     if pending is not None:
         store(*pending)
+    missed = np.flatnonzero(~done)
+    if missed.size:  # every molecule is in exactly one batch of an epoch; guard the bookkeeping
+        raise TrainingError(f"{ds.path}: molecule {int(missed[0])} got no prediction ({missed.size} in all)")
     if isinstance(E, np.memmap):
         for array in (E, F, charges):
             array.flush()
