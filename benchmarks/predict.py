@@ -79,7 +79,7 @@ def main() -> None:
         trainer = start_run(TrainConfig(data_path=str(data), runs_dir=str(tmp), name="bench",
                                         features=args.features, num_epochs=args.epochs))
         fit(trainer)
-        trainer.checkpoints.close()
+        trainer.close()
         run = trainer.run_dir
     with open(run / "metrics.csv", newline="") as fh:
         train_rate = float(list(csv.DictReader(fh))[-1]["train_mol_per_s"])

@@ -42,7 +42,7 @@ def train_on_sample(runs_dir: Path, features: int, epochs: int) -> Path:
                                     num_epochs=epochs, batch_size=16, layout="padded", num_atoms=15,
                                     learning_rate=3e-3, valid_fraction=0.1))
     result = fit(trainer)
-    trainer.checkpoints.close()
+    trainer.close()
     print(f"trained: best valid loss {result.best_valid_loss:.4g}")
     return run
 

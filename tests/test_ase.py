@@ -55,8 +55,8 @@ def potential(trained_run: Path) -> Potential:
     return Potential.load(trained_run)
 
 
-def test_forces_are_minus_the_energy_gradient(potential: Potential, sample_packed: Path) -> None:
-    atoms, _ = _molecule(sample_packed, 10, charged=True)  # an ion: electrostatics and charge correction
+def test_forces_are_minus_the_energy_gradient(potential: Potential, sample_dir: Path) -> None:
+    atoms, _ = _molecule(sample_dir, 10, charged=True)  # an ion: electrostatics and charge correction
     atoms.calc = potential.calculator()
     forces = atoms.get_forces()
     assert np.abs(forces).max() > 0.1
@@ -64,8 +64,8 @@ def test_forces_are_minus_the_energy_gradient(potential: Potential, sample_packe
     np.testing.assert_allclose(forces, numerical, atol=5e-3)
 
 
-def test_equals_potential_predict_in_ase_units(potential: Potential, sample_packed: Path, trained_run: Path) -> None:
-    atoms, _ = _molecule(sample_packed, 8, charged=True)
+def test_equals_potential_predict_in_ase_units(potential: Potential, sample_dir: Path, trained_run: Path) -> None:
+    atoms, _ = _molecule(sample_dir, 8, charged=True)
     qtot = atoms.info["charge"]
     energy, forces = potential.predict(atoms.numbers, atoms.positions, qtot)
     atoms.calc = Calculator(trained_run, checkpoint="best")
@@ -78,8 +78,8 @@ def test_equals_potential_predict_in_ase_units(potential: Potential, sample_pack
     assert np.ptp(charges) > 0
 
 
-def test_total_charge_from_info_or_argument(potential: Potential, sample_packed: Path) -> None:
-    atoms, _ = _molecule(sample_packed, 8, charged=True)
+def test_total_charge_from_info_or_argument(potential: Potential, sample_dir: Path) -> None:
+    atoms, _ = _molecule(sample_dir, 8, charged=True)
     qtot = atoms.info.pop("charge")
     atoms.calc = potential.calculator(charge=qtot)
     from_argument = atoms.get_potential_energy()
@@ -92,8 +92,8 @@ def test_total_charge_from_info_or_argument(potential: Potential, sample_packed:
     assert neutral != pytest.approx(from_argument, rel=1e-6)
 
 
-def test_md_compiles_once_per_size_class(potential: Potential, sample_packed: Path) -> None:
-    atoms, _ = _molecule(sample_packed, 10, charged=False)
+def test_md_compiles_once_per_size_class(potential: Potential, sample_dir: Path) -> None:
+    atoms, _ = _molecule(sample_dir, 10, charged=False)
     atoms.calc = potential.calculator()
     _thermalize(atoms, 300.0, seed=0)
     atoms.get_forces()  # warm-up: compiles this size class if no earlier test did
@@ -101,7 +101,7 @@ def test_md_compiles_once_per_size_class(potential: Potential, sample_packed: Pa
     with CountCompilations() as compiled:
         VelocityVerlet(atoms, 0.5 * units.fs).run(200)
     assert compiled.count == 0 and _jitted_properties._cache_size() == cache
-    water, _ = _molecule(sample_packed, 3)  # another size class (4 atom slots): one more shape
+    water, _ = _molecule(sample_dir, 3)  # another size class (4 atom slots): one more shape
     water.calc = potential.calculator()
     _thermalize(water, 300.0, seed=1)
     with CountCompilations() as compiled:
@@ -109,8 +109,8 @@ def test_md_compiles_once_per_size_class(potential: Potential, sample_packed: Pa
     assert compiled.count <= 1 and _jitted_properties._cache_size() <= cache + 1
 
 
-def test_bfgs_converges(potential: Potential, sample_packed: Path) -> None:
-    atoms, _ = _molecule(sample_packed, 10, charged=False)
+def test_bfgs_converges(potential: Potential, sample_dir: Path) -> None:
+    atoms, _ = _molecule(sample_dir, 10, charged=False)
     bonds = np.triu(atoms.get_all_distances() < 1.6, k=1)  # covalent bonds of the sample geometry
     atoms.calc = potential.calculator()
     assert BFGS(atoms, logfile=None).run(fmax=0.05, steps=1000)
@@ -119,9 +119,9 @@ def test_bfgs_converges(potential: Potential, sample_packed: Path) -> None:
     assert atoms.get_all_distances()[bonds].max() < 2.0
 
 
-def test_nve_conserves_energy(potential: Potential, sample_packed: Path) -> None:
+def test_nve_conserves_energy(potential: Potential, sample_dir: Path) -> None:
     """NVE velocity Verlet, 0.25 fs x 2,000 steps at 300 K after BFGS: the bound of docs/ase.md."""
-    atoms, _ = _molecule(sample_packed, 10, charged=False)
+    atoms, _ = _molecule(sample_dir, 10, charged=False)
     atoms.calc = potential.calculator()
     BFGS(atoms, logfile=None).run(fmax=0.05, steps=1000)
     _thermalize(atoms, 300.0, seed=2)

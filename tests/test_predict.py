@@ -30,23 +30,23 @@ def _one_line_error(result) -> str:
 
 
 @pytest.fixture(scope="module")
-def packed_npz(trained_run: Path, sample_packed: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def packed_npz(trained_run: Path, sample_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("predict") / "sample.npz"
-    result = runner.invoke(app, ["predict", str(trained_run), str(sample_packed), "--output", str(out)])
+    result = runner.invoke(app, ["predict", str(trained_run), str(sample_dir), "--output", str(out)])
     assert result.exit_code == 0, result.output
     assert "504 molecules" in result.output and "molecules/s" in result.output
     return out
 
 
-def test_predict_packed_equals_evaluate_and_potential(packed_npz: Path, trained_run: Path, sample_packed: Path) -> None:
+def test_predict_packed_equals_evaluate_and_potential(packed_npz: Path, trained_run: Path, sample_dir: Path) -> None:
     out = np.load(packed_npz)
-    ds = open_packed(sample_packed)
+    ds = open_packed(sample_dir)
     np.testing.assert_array_equal(out["N"], ds.n_atoms)
     np.testing.assert_array_equal(out["Z"], ds.Z)
     np.testing.assert_array_equal(out["Q"], ds.Qtot)
     assert str(out["energy_unit"]) == "kcal/mol" and np.isfinite(out["F"]).all()
     # the errors of evaluate (its own eval step over the same loader) from these predictions
-    result = evaluate_run(trained_run, sample_packed)
+    result = evaluate_run(trained_run, sample_dir)
     e_err = out["E"] - np.asarray(ds.E)
     f_err = out["F"].astype(np.float64) - np.asarray(ds.F)
     assert np.abs(e_err).mean() == pytest.approx(result.energy_mae, rel=1e-4)
@@ -67,10 +67,10 @@ def test_predict_packed_equals_evaluate_and_potential(packed_npz: Path, trained_
         assert out["charges"][lo:hi].sum() == pytest.approx(ds.Qtot[i], abs=1e-4)
 
 
-def test_predict_extxyz_round_trip_and_ase_input(packed_npz: Path, trained_run: Path, sample_packed: Path,
+def test_predict_extxyz_round_trip_and_ase_input(packed_npz: Path, trained_run: Path, sample_dir: Path,
                                                  tmp_path: Path) -> None:
     xyz = tmp_path / "pred.extxyz"
-    result = runner.invoke(app, ["predict", str(trained_run), str(sample_packed), "--output", str(xyz)])
+    result = runner.invoke(app, ["predict", str(trained_run), str(sample_dir), "--output", str(xyz)])
     assert result.exit_code == 0, result.output
     frames = ase.io.read(xyz, index=":")
     out = np.load(packed_npz)
@@ -94,7 +94,7 @@ def test_predict_extxyz_round_trip_and_ase_input(packed_npz: Path, trained_run: 
     np.testing.assert_allclose(back["F"], out["F"], atol=2e-3)
 
 
-def test_predict_refusals(trained_run: Path, sample_packed: Path, packed_npz: Path, tmp_path: Path) -> None:
+def test_predict_refusals(trained_run: Path, sample_dir: Path, packed_npz: Path, tmp_path: Path) -> None:
     chloride = tmp_path / "cl.xyz"
     ase.io.write(chloride, [ase.Atoms("H2O", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]]),
                             ase.Atoms("CCl", positions=[[0, 0, 0], [1.8, 0, 0]])])
@@ -105,9 +105,9 @@ def test_predict_refusals(trained_run: Path, sample_packed: Path, packed_npz: Pa
     line = _one_line_error(runner.invoke(app, ["predict", str(trained_run), str(periodic), "-o", str(tmp_path / "o.npz")]))
     assert "structure 0 is periodic" in line
     before = packed_npz.read_bytes()
-    line = _one_line_error(runner.invoke(app, ["predict", str(trained_run), str(sample_packed), "-o", str(packed_npz)]))
+    line = _one_line_error(runner.invoke(app, ["predict", str(trained_run), str(sample_dir), "-o", str(packed_npz)]))
     assert "--force" in line and packed_npz.read_bytes() == before
-    line = _one_line_error(runner.invoke(app, ["predict", str(trained_run), str(sample_packed), "-o", str(tmp_path / "o.csv")]))
+    line = _one_line_error(runner.invoke(app, ["predict", str(trained_run), str(sample_dir), "-o", str(tmp_path / "o.csv")]))
     assert ".npz, .xyz or .extxyz" in line
     assert not list(tmp_path.glob("o.*")) and not list(tmp_path.glob(".*tmp*"))
 
@@ -122,11 +122,11 @@ def test_predict_packed_unseen_element_names_the_molecule(trained_run: Path, pac
     assert not list(out.iterdir())
 
 
-def test_predict_over_two_devices_equals_one(trained_run: Path, sample_packed: Path, packed_npz: Path, tmp_path: Path) -> None:
+def test_predict_over_two_devices_equals_one(trained_run: Path, sample_dir: Path, packed_npz: Path, tmp_path: Path) -> None:
     """Two (host) devices: the loader's batches dealt over a mesh give the same predictions."""
     out = tmp_path / "two.npz"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-m", "packedqdc", "predict", str(trained_run), str(sample_packed),
+    proc = subprocess.run([sys.executable, "-m", "packedqdc", "predict", str(trained_run), str(sample_dir),
                            "--output", str(out), "--devices", "2"], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     two, one = np.load(out), np.load(packed_npz)
@@ -143,10 +143,10 @@ def _nonblank_png(path: Path) -> None:
     assert pixels.shape[0] > 300 and pixels.std() > 0.05
 
 
-def test_plots_are_written(trained_run: Path, sample_packed: Path, tmp_path: Path) -> None:
+def test_plots_are_written(trained_run: Path, sample_dir: Path, tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     parity = tmp_path / "parity.png"
-    result = runner.invoke(app, ["evaluate", str(trained_run), "--data-path", str(sample_packed), "--plot", str(parity)])
+    result = runner.invoke(app, ["evaluate", str(trained_run), "--data-path", str(sample_dir), "--plot", str(parity)])
     assert result.exit_code == 0, result.output
     _nonblank_png(parity)
     curves = tmp_path / "curves.png"
@@ -160,10 +160,10 @@ def test_plots_are_written(trained_run: Path, sample_packed: Path, tmp_path: Pat
     assert "metrics.csv" in line
 
 
-def test_plot_without_matplotlib_says_how_to_install(trained_run: Path, sample_packed: Path, tmp_path: Path,
+def test_plot_without_matplotlib_says_how_to_install(trained_run: Path, sample_dir: Path, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
-    for args in (["evaluate", str(trained_run), "--data-path", str(sample_packed), "--plot", str(tmp_path / "p.png")],
+    for args in (["evaluate", str(trained_run), "--data-path", str(sample_dir), "--plot", str(tmp_path / "p.png")],
                  ["plot", str(trained_run), "--output", str(tmp_path / "c.png")]):
         result = runner.invoke(app, args)
         assert result.exit_code == 2

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.table import Table
 
-from .app import app, console, handles_errors
+from .app import app, console, handles_errors, json_text
 
 
 @app.command("evaluate")
@@ -34,7 +33,7 @@ def evaluate(
 
         parity_run(run_dir, data_path, checkpoint, plot)
     if as_json:
-        typer.echo(json.dumps(result.summary()))
+        typer.echo(json_text(result.summary()))
         return
     table = Table(title=f"{run_dir} ({checkpoint}, EMA) on {data_path}: {result.n_molecules} molecules")
     for column in ("", "MAE", "RMSE", "baseline MAE"):
