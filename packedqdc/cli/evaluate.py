@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .app import app, console, handles_errors, json_text
+from .app import app, check_output_file, console, handles_errors, json_text
 
 
 @app.command("evaluate")
@@ -26,6 +26,7 @@ def evaluate(
     if plot is not None:
         from ..train.plots import check_plot_target
 
+        check_output_file(plot, "--plot")
         check_plot_target(plot, hint="remove it or choose another --plot name")
     result = evaluate_run(run_dir, data_path, which=checkpoint)
     if plot is not None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .app import app, console, handles_errors
+from .app import app, check_output_file, console, handles_errors
 
 
 @app.command("plot")
@@ -19,6 +19,7 @@ def plot(
     """Train/valid loss, energy and force MAE, and learning rate against epoch (needs the plot extra)."""
     from ..train.plots import check_plot_target, plot_curves
 
+    check_output_file(output, "--output")
     check_plot_target(output, force)
     epochs = plot_curves(run_dir, output)
     console.print(f"{epochs} epochs plotted to {output}")

@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .app import app, console, err_console, handles_errors
+from .app import app, check_output_file, console, err_console, handles_errors
 
 
 @app.command("predict")
@@ -31,6 +31,7 @@ def predict(
     from ..train.inference import pack_structures, predict_packed
     from ..train.predict import Potential
 
+    check_output_file(output, "--output")
     output_format(output, force)
     if batch_size is not None and batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
