@@ -23,7 +23,6 @@ file                           dtype      shape            content
 from __future__ import annotations
 
 import os
-import pickle
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from ..errors import ConfigError, SourceError
 from ..format import MoleculeChunk
 from ..pack import PackResult, pack_source
 from ..units import energy_factor, force_factor, length_factor
+from .safe_pickle import NUMPY_GLOBALS, OPENQDC_E0_GLOBALS, load_restricted
 
 INSTALL_HINT = "pip install 'packedqdc[openqdc]'"
 ENERGY_TYPES = ("total", "formation", "regression")
@@ -337,12 +337,11 @@ def _load_subsets(file: Path, n_molecules: int) -> tuple[list[str], np.ndarray]:
 
     openqdc stores ``np.unique(subsets, return_inverse=True)``; PCQM caches store a plain list.
     """
+    props = load_restricted(file)
     try:
-        with open(file, "rb") as fh:
-            props = pickle.load(fh)
         raw = props["subset"]
-    except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, AttributeError) as exc:
-        raise SourceError(f"{file}: unreadable or without 'subset' ({exc})") from None
+    except (KeyError, TypeError, IndexError) as exc:
+        raise SourceError(f"{file}: no 'subset' entry ({type(exc).__name__}: {exc})") from None
     if isinstance(raw, tuple) and len(raw) == 2:
         uniques, inverse = np.asarray(raw[0]), np.asarray(raw[1]).reshape(-1)
     else:
@@ -544,16 +543,15 @@ def regression_references(
 
 def _load_regression_pkl(pkl: Path, info: DatasetInfo, method: EnergyMethod) -> np.ndarray:
     """(MAX_Z + 1,) float64 E0 per element in kcal/mol from openqdc's regression pickle (NaN: absent)."""
+    entries = load_restricted(pkl, NUMPY_GLOBALS | OPENQDC_E0_GLOBALS)
     try:
-        with open(pkl, "rb") as fh:
-            entries = pickle.load(fh)
         per_z = np.full(MAX_Z + 1, np.nan)
         for species, energy in entries.items():
             means = np.asarray(energy.mean, dtype=np.float64).reshape(-1)
             if means.shape[0] != len(info.methods):
                 raise ValueError(f"{means.shape[0]} methods, {info.class_name} has {len(info.methods)}")
             per_z[int(species.number)] = means[method.index] * info.energy_to_kcal
-    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as exc:
+    except (AttributeError, ValueError, TypeError, IndexError) as exc:
         raise SourceError(f"{pkl}: not a regression E0 file for {info.class_name} ({exc}); delete it to refit") from None
     return per_z
 
