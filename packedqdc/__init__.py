@@ -23,7 +23,7 @@ _LAZY = {
     "fit": "packedqdc.train",
     "evaluate_run": "packedqdc.train",
     "pack_npz": "packedqdc.pack",
-    "pack_openqdc": "packedqdc.sources.openqdc",
+    "pack_openqdc": "packedqdc.pack",
     "validate_packed": "packedqdc.validate",
     "dataset_stats": "packedqdc.stats",
 }

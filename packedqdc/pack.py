@@ -1,4 +1,8 @@
-"""Source -> packed directory, streaming, with an optional progress callback (no UI here)."""
+"""Every ``pack_*`` entry point: a source -> a packed directory, streaming, atomically published.
+
+Sources (``packedqdc.sources.*``) only yield ``MoleculeChunk``s and describe their provenance;
+:func:`pack_source` drives one into a ``PackedWriter``. No UI here: progress is a callback.
+"""
 
 from __future__ import annotations
 
@@ -108,4 +112,54 @@ def pack_npz(
         return pack_source(source, output, force=force, progress=progress)
 
 
-__all__ = ["PackResult", "ProgressCallback", "pack_npz", "pack_source"]
+def pack_openqdc(
+    name: str,
+    output: str | os.PathLike[str],
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    energy_method: int | str = 0,
+    energy_type: str = "total",
+    subset: str | None = None,
+    force: bool = False,
+    progress: ProgressCallback | None = None,
+) -> PackResult:
+    """Pack the OpenQDC dataset ``name`` from its local cache into the directory ``output``.
+
+    Output: E float64 kcal/mol (total, or minus reference energies), R float32 Å, F float32
+    kcal/mol/Å when the method has forces (else absent), Qtot float64 = sum of formal charges,
+    int64 offsets. Molecules whose energy (or packed forces) is NaN are skipped and counted.
+
+    Args:
+        name: dataset class, e.g. ``"Spice"``, ``"QM9"``, ``"ANI1X"`` (case-insensitive).
+        output: packed directory to create (atomically).
+        cache_dir: cache root; default ``$OPENQDC_CACHE_DIR`` or ``~/.cache/openqdc``.
+        energy_method: index, method string or target name of the level of theory.
+        energy_type: ``total``, ``formation`` (tabulated isolated-atom E0, charge-aware) or
+            ``regression`` (fitted per-element E0).
+        subset: keep only this subset (name as stored in the cache).
+        force: replace ``output`` if it exists.
+        progress: called as ``progress(done, total)``; a regression fit counts as a first pass.
+
+    Raises:
+        ConfigError: openqdc missing, unknown dataset/method/subset/energy type.
+        CacheMissingError: the cache is not on disk (nothing is created).
+        SourceError: malformed cache, or no molecule left.
+        TargetExistsError: ``output`` exists and ``force`` is false.
+    """
+    from .sources.openqdc import OpenQDCSource
+
+    report = progress or _no_progress
+    source = OpenQDCSource(
+        name, cache_dir=cache_dir, energy_method=energy_method, energy_type=energy_type, subset=subset
+    )
+    n = source.n_molecules
+    passes = 2 if source.needs_fit else 1
+    source.prepare(lambda done, _total: report(done, passes * n))
+    return pack_source(source, output, force=force, progress=lambda done, _total: report((passes - 1) * n + done, passes * n))
+
+
+def _no_progress(done: int, total: int) -> None:
+    """Default progress callback: report nothing."""
+
+
+__all__ = ["PackResult", "ProgressCallback", "pack_npz", "pack_openqdc", "pack_source"]

@@ -22,7 +22,8 @@ from typer.testing import CliRunner  # noqa: E402
 
 from packedqdc.cli import app  # noqa: E402
 from packedqdc.format import open_packed  # noqa: E402
-from packedqdc.sources.openqdc import pack_openqdc, resolve_dataset  # noqa: E402
+from packedqdc.pack import pack_openqdc  # noqa: E402
+from packedqdc.sources.openqdc import resolve_dataset  # noqa: E402
 
 # formal charges (per element) that openqdc tabulates for Spice's method, so formation works
 CHARGES = {1: (0, 1), 6: (0, -1, 1), 7: (0, 1, -1), 8: (0, -1, 1)}
