@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,9 +17,10 @@ from .format import PackedWriter
 from .sources import MoleculeSource
 from .sources.npz import DEFAULT_CHUNK_SIZE, NpzSource
 
-#: called after each chunk with (molecules written so far, molecules in the input); a last call
-#: reports (total, total) once the input is exhausted, so skipped molecules still end at 100 %
-ProgressCallback = Callable[[int, int], None]
+#: called after each chunk with (molecules written so far, molecules in the input, or None while a
+#: streamed input's size is unknown); a last call reports (total, total) once the input is
+#: exhausted, so skipped molecules still end at 100 %
+ProgressCallback = Callable[[int, "int | None"], None]
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,8 @@ def pack_source(
             if progress is not None:
                 progress(writer.stats.n_molecules, source.n_molecules)
         if progress is not None:
-            progress(source.n_molecules, source.n_molecules)
+            total = source.n_molecules if source.n_molecules is not None else writer.stats.n_molecules
+            progress(total, total)
         provenance = source.provenance()
         if writer.stats.n_molecules == 0:
             raise SourceError(f"{provenance.get('input', 'input')}: no valid molecules to pack")
@@ -158,8 +160,43 @@ def pack_openqdc(
     return pack_source(source, output, force=force, progress=lambda done, _total: report((passes - 1) * n + done, passes * n))
 
 
-def _no_progress(done: int, total: int) -> None:
+def pack_xyz(
+    files: Sequence[str | os.PathLike[str]],
+    output: str | os.PathLike[str],
+    *,
+    energy_key: str | None = None,
+    forces_key: str | None = None,
+    charge_key: str | None = None,
+    energy_unit: str = "eV",
+    length_unit: str = "Ang",
+    skip_invalid: bool = False,
+    parser: str = "auto",
+    force: bool = False,
+    progress: ProgressCallback | None = None,
+) -> PackResult:
+    """Pack extended XYZ files (ASE's writer, MACE, NequIP, rMD17 ...) into the directory ``output``.
+
+    Energies go from ``energy_unit`` (default eV) to kcal/mol, positions from ``length_unit``
+    (default Å) to Å, forces to kcal/mol/Å. See :class:`packedqdc.sources.xyz.XyzSource` for the
+    keys read, the frames refused and the fast parser (needs the ``ase`` extra).
+    """
+    from .sources.xyz import XyzSource
+
+    source = XyzSource(
+        files,
+        energy_key=energy_key,
+        forces_key=forces_key,
+        charge_key=charge_key,
+        energy_unit=energy_unit,
+        length_unit=length_unit,
+        skip_invalid=skip_invalid,
+        parser=parser,
+    )
+    return pack_source(source, output, force=force, progress=progress)
+
+
+def _no_progress(done: int, total: int | None) -> None:
     """Default progress callback: report nothing."""
 
 
-__all__ = ["PackResult", "ProgressCallback", "pack_npz", "pack_openqdc", "pack_source"]
+__all__ = ["PackResult", "ProgressCallback", "pack_npz", "pack_openqdc", "pack_source", "pack_xyz"]
