@@ -24,6 +24,8 @@ _LAZY = {
     "evaluate_run": "packedqdc.train",
     "pack_npz": "packedqdc.pack",
     "pack_openqdc": "packedqdc.pack",
+    "pack_xyz": "packedqdc.pack",
+    "pack_hdf5": "packedqdc.pack",
     "validate_packed": "packedqdc.validate",
     "dataset_stats": "packedqdc.stats",
 }

@@ -195,8 +195,42 @@ def pack_xyz(
     return pack_source(source, output, force=force, progress=progress)
 
 
+def pack_hdf5(
+    input: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    *,
+    layout: str,
+    energy_key: str | None = None,
+    forces_key: str | None = None,
+    energy_unit: str | None = None,
+    length_unit: str | None = None,
+    skip_invalid: bool = False,
+    force: bool = False,
+    progress: ProgressCallback | None = None,
+) -> PackResult:
+    """Pack an HDF5 file in SPICE's (``layout="spice"``) or ANI-1x's (``"ani"``) layout.
+
+    Energies go to kcal/mol, positions to Å, forces (the negated gradient for SPICE) to
+    kcal/mol/Å; SPICE's total charges come from each group's SMILES. Conformers with a NaN energy
+    or NaN forces are skipped and counted. See :class:`packedqdc.sources.hdf5.Hdf5Source` (needs
+    the ``hdf5`` extra).
+    """
+    from .sources.hdf5 import Hdf5Source
+
+    with Hdf5Source(
+        input,
+        layout=layout,
+        energy_key=energy_key,
+        forces_key=forces_key,
+        energy_unit=energy_unit,
+        length_unit=length_unit,
+        skip_invalid=skip_invalid,
+    ) as source:
+        return pack_source(source, output, force=force, progress=progress)
+
+
 def _no_progress(done: int, total: int | None) -> None:
     """Default progress callback: report nothing."""
 
 
-__all__ = ["PackResult", "ProgressCallback", "pack_npz", "pack_openqdc", "pack_source", "pack_xyz"]
+__all__ = ["PackResult", "ProgressCallback", "pack_hdf5", "pack_npz", "pack_openqdc", "pack_source", "pack_xyz"]

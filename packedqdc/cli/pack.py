@@ -69,3 +69,4 @@ def _input_and_output(input: Path | None, output_dir: Path | None, sample: bool)
 
 from . import pack_openqdc as _pack_openqdc  # noqa: E402,F401  (registers ``pack openqdc``)
 from . import pack_xyz as _pack_xyz  # noqa: E402,F401  (registers ``pack xyz``)
+from . import pack_hdf5 as _pack_hdf5  # noqa: E402,F401  (registers ``pack hdf5``)
