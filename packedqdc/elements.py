@@ -39,3 +39,17 @@ def element_counts(Z: np.ndarray, n_atoms: np.ndarray) -> np.ndarray:
     mol = np.repeat(np.arange(m, dtype=np.int64), n_atoms)
     z = np.clip(np.asarray(Z, dtype=np.int64), 0, MAX_Z)
     return np.bincount(mol * width + z, minlength=m * width).reshape(m, width).astype(np.float64)
+
+
+def element_histogram(Z: np.ndarray, block: int = 1 << 24) -> np.ndarray:
+    """Atoms per atomic number of ``Z`` (any integer array, e.g. a memmap), read ``block`` at a time.
+
+    Returns (MAX_Z + 2,) int64: index z in 1..MAX_Z counts element z; index 0 counts values below 1
+    and index MAX_Z + 1 values above MAX_Z (both invalid in a packed directory).
+    """
+    Z = Z.reshape(-1)
+    counts = np.zeros(MAX_Z + 2, dtype=np.int64)
+    for lo in range(0, Z.shape[0], block):
+        part = np.clip(np.asarray(Z[lo : lo + block], dtype=np.int64), 0, MAX_Z + 1)
+        counts += np.bincount(part, minlength=MAX_Z + 2)
+    return counts

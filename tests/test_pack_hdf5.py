@@ -133,8 +133,8 @@ def test_nan_targets_skipped_and_counted(tmp_path: Path) -> None:
     result = pack_hdf5(src, tmp_path / "out", layout="spice")  # no --skip-invalid needed
     assert (result.n_molecules, result.skipped) == (10, 2)
     prov = json.loads((result.path / "meta.json").read_text())["provenance"]
-    assert prov["skipped_by_reason"] == {"non-finite energy": 1, "non-finite force": 1}
-    assert f"{src}: group /water: conformer 1: dft_total_energy: non-finite energy" in result.skipped_first
+    assert prov["skipped_by_reason"] == {"dft_total_energy: non-finite value": 1, "dft_total_gradient: non-finite value": 1}
+    assert f"{src}: group /water: conformer 1: dft_total_energy: non-finite value" in result.skipped_first
 
 
 def test_ani1x_levels_and_nan_labels(tmp_path: Path) -> None:
@@ -184,7 +184,7 @@ def test_bad_position_names_group_conformer_dataset(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["pack", "hdf5", str(src), str(out), "--layout", "spice"])
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == [
-        f"Error: {src}: group /ammonium: conformer 2: conformations: non-finite position"
+        f"Error: {src}: group /ammonium: conformer 2: conformations: non-finite value"
     ]
     assert not out.exists()
     skipped = pack_hdf5(src, out, layout="spice", skip_invalid=True)

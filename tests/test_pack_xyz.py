@@ -182,7 +182,7 @@ def test_periodic_frame_refused_or_skipped(tmp_path: Path) -> None:
     assert (skipped.n_molecules, skipped.skipped) == (5, 1)
     assert skipped.skipped_first == [f"{src}: frame 3: pbc: periodic frame (the packed format has no cell; molecules only)"]
     assert json.loads((out / "meta.json").read_text())["provenance"]["skipped_by_reason"] == {
-        "periodic frame (the packed format has no cell; molecules only)": 1
+        "pbc: periodic frame (the packed format has no cell; molecules only)": 1
     }
 
 
@@ -207,7 +207,7 @@ def test_frame_without_energy_skipped_and_counted(tmp_path: Path) -> None:
         pack_xyz([src], tmp_path / "strict")
     result = pack_xyz([src], tmp_path / "out", skip_invalid=True)
     assert (result.n_molecules, result.skipped) == (6, 2)
-    assert "frame 5: energy: non-finite energy" in result.skipped_first[1]
+    assert result.skipped_first[1] == f"{src}: frame 5: energy: non-finite value"
     ds = open_packed(result.path)
     kept = [a for i, a in enumerate(frames) if i not in (2, 5)]
     np.testing.assert_array_equal(ds.E, [a.calc.results["energy"] * EV_TO_KCAL_MOL for a in kept])

@@ -50,12 +50,13 @@ from .toolkit import (
     file_provenance,
     require_extra,
     screen,
+    select,
     to_chunk,
     value_flags,
 )
 
-#: reasons that mean "label missing": always skipped and counted
-MISSING_LABEL = frozenset({"non-finite energy", "non-finite force"})
+#: (field, reason) that mean "label missing": always skipped and counted
+MISSING_LABEL = frozenset({("E", "non-finite value"), ("F", "non-finite value")})
 
 
 @dataclass(frozen=True)
@@ -173,6 +174,12 @@ class Hdf5Source:
             raise
         self.has_forces = self.forces_key is not None
         self.has_qtot = True  # zeros (neutral) for ANI; provenance says so
+        self.name = str(self.path)
+        self.input_paths = (self.path,)
+        self.field_names = {"n_atoms": "atomic numbers", "Z": "atomic numbers", "R": f"dataset {self.layout.positions!r}",
+                            "E": f"dataset {self.energy_key!r}", "F": f"dataset {self.forces_key!r}",
+                            "Qtot": "total charge"}
+        self._seen = 0  # conformers of the groups read so far
         self.digest = FileDigest(self.path)
 
     # ---- structure ----------------------------------------------------------------------
@@ -268,14 +275,18 @@ class Hdf5Source:
                 if _is_gradient(self.forces_key):
                     F = -F.astype(np.float64)
             Q = None if charge is None else np.full(m, float(charge))
-            names = {"Z": numbers, "R": layout.positions, "E": self.energy_key, "F": self.forces_key or "F", "Q": "smiles"}
-            flags = value_flags(counts, Z, R, E, F, Q, names)
+            chunk = to_chunk(counts, Z, R, E, F, Q, first=self._seen + lo, **self.factors)
+            names = {"n_atoms": numbers, "Z": numbers, "R": layout.positions, "E": self.energy_key,
+                     "F": self.forces_key or "F", "Qtot": layout.smiles or "charge"}
             keep = screen(
-                flags, m, lambda i: f"{self.path}: group {group.name}: conformer {lo + i}",
-                skip=self.skip_invalid, log=self.skips, always_skip=MISSING_LABEL,
+                value_flags(chunk), m, lambda i: f"{self.path}: group {group.name}: conformer {lo + i}",
+                names=names, skip=self.skip_invalid, log=self.skips, always_skip=MISSING_LABEL,
             )
-            if keep is None or keep.any():
-                yield to_chunk(counts, Z, R, E, F, Q, keep=keep, **self.factors)
+            if keep is None:
+                yield chunk
+            elif keep.any():
+                yield select(chunk, keep)
+        self._seen += c
 
     def _expect(self, group: Any, key: str, shapes: tuple[tuple[int, ...], ...]) -> None:
         shape = self._shape(group, key)

@@ -1,10 +1,13 @@
-"""What every source shares: optional-extra imports, file provenance, value screening, unit
-conversion into a ``MoleculeChunk`` and chunk buffering.
+"""What every source shares: optional-extra imports, file provenance, unit conversion into a
+``MoleculeChunk``, screening with messages in the source's own terms, and chunk buffering.
 
 A source reads its format into flat arrays in the file's own units (``counts`` (m,) atoms per
 molecule, ``Z`` (A,), ``R`` (A, 3), ``E`` (m,), ``F`` (A, 3) or None, ``Q`` (m,) or None, with
-``A = counts.sum()``), screens them with :func:`value_flags` and :func:`screen`, and converts the
-kept molecules with :func:`to_chunk`.
+``A = counts.sum()``) and converts them with :func:`to_chunk`. Values are judged as stored by the
+project's one check (``packedqdc.checks.invalid_molecules``, through :func:`value_flags`), together
+with the source's own flags (a periodic frame, a missing entry), by :func:`screen`, which names the
+file, the frame or group and the field the way the source does. ``pack_source`` screens every
+chunk again (``checks.ValueScreen``); what a source has screened passes it unchanged.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import hashlib
 import importlib
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -21,13 +24,11 @@ from typing import Any
 
 import numpy as np
 
-from ..elements import MAX_Z
+from ..checks import SKIPPED_SHOWN, invalid_molecules, select
 from ..errors import ConfigError, SourceError
 from ..format import MoleculeChunk
 from . import UnreadableSourceError
 
-#: molecules of one screening report that are named in ``PackResult.skipped_first``
-SKIPPED_SHOWN = 10
 #: a buffered chunk is handed to the writer once it holds this many atoms
 CHUNK_ATOMS = 1 << 19
 
@@ -110,57 +111,12 @@ class SkipLog:
             self.first.append(message)
 
 
-def value_flags(
-    counts: np.ndarray,
-    Z: np.ndarray,
-    R: np.ndarray,
-    E: np.ndarray | None,
-    F: np.ndarray | None,
-    Q: np.ndarray | None,
-    names: dict[str, str],
-) -> list[Flag]:
-    """Value checks shared by the sources, as (field, reason, (m,) mask); empty when all pass.
+def value_flags(chunk: MoleculeChunk) -> list[Flag]:
+    """The project's value checks of a converted chunk (``checks.invalid_molecules``) as flags.
 
-    Checks, in reporting order: no atoms, atomic number outside 1..MAX_Z, non-finite position,
-    force, energy or charge, fractional total charge. ``names`` maps the roles ``Z R E F Q`` to the
-    field names of the file (for messages). Each check tests the whole block first.
+    Roles are the chunk's field names: ``n_atoms``, ``Z``, ``R``, ``F``, ``E``, ``Qtot``.
     """
-    flags: list[Flag] = []
-
-    def add(role: str, reason: str, mask: np.ndarray | None) -> None:
-        if mask is not None and mask.any():
-            flags.append((names.get(role, role), reason, mask))
-
-    add("Z", "no atoms", counts < 1)
-    z = np.asarray(Z)
-    if z.size and (z.min() < 1 or z.max() > MAX_Z):
-        add("Z", f"atomic number outside 1..{MAX_Z}", per_molecule((z < 1) | (z > MAX_Z), counts))
-    add("R", "non-finite position", _non_finite_rows(R, counts))
-    if F is not None:
-        add("F", "non-finite force", _non_finite_rows(F, counts))
-    if E is not None:
-        add("E", "non-finite energy", ~np.isfinite(E))
-    if Q is not None:
-        finite = np.isfinite(Q)
-        add("Q", "non-finite total charge", ~finite)
-        add("Q", "fractional total charge", finite & (Q != np.round(Q)))
-    return flags
-
-
-def per_molecule(per_atom: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """(m,) bool: molecules owning at least one flagged atom; ``per_atom`` is (counts.sum(),) bool."""
-    owner = np.repeat(np.arange(counts.shape[0]), counts)
-    out = np.zeros(counts.shape[0], dtype=bool)
-    out[owner[per_atom]] = True
-    return out
-
-
-def _non_finite_rows(a: np.ndarray, counts: np.ndarray) -> np.ndarray | None:
-    with np.errstate(over="ignore", invalid="ignore"):
-        if np.isfinite(a.sum()):
-            return None
-    bad = ~np.isfinite(a).all(axis=1)
-    return per_molecule(bad, counts) if bad.any() else None
+    return [(bad.field, bad.reason, bad.molecules) for bad in invalid_molecules(chunk)]
 
 
 def screen(
@@ -168,19 +124,21 @@ def screen(
     m: int,
     where: Callable[[int], str],
     *,
+    names: Mapping[str, str],
     skip: bool,
     log: SkipLog,
-    always_skip: frozenset[str] = frozenset(),
+    always_skip: frozenset[tuple[str, str]] = frozenset(),
 ) -> np.ndarray | None:
     """Raise on the first flagged molecule, or return the (m,) keep mask when skipping.
 
     Args:
-        flags: from :func:`value_flags` and the source's own checks, in reporting order.
+        flags: the source's own flags, then :func:`value_flags`, in reporting order.
         m: molecules in the block.
         where: molecule index in the block -> ``"FILE: frame N"`` (or group/conformer).
+        names: role -> the field's name in the file, for messages (a role not here is used as is).
         skip: drop flagged molecules instead of raising (``--skip-invalid``).
-        log: records what was dropped.
-        always_skip: reasons that are dropped and counted even without ``skip`` (missing labels).
+        log: records what was dropped, by ``"FIELD: REASON"``.
+        always_skip: (role, reason) pairs dropped and counted even without ``skip`` (missing labels).
 
     Returns:
         None when nothing is flagged, else the mask of the molecules to keep.
@@ -192,14 +150,15 @@ def screen(
         return None
     keep = np.ones(m, dtype=bool)
     first_error: tuple[int, str] | None = None
-    for name, reason, mask in flags:  # a molecule counts under the first flag that hits it
+    for role, reason, mask in flags:  # a molecule counts under the first flag that hits it
         hit = keep & mask
         if not hit.any():
             continue
         i = int(np.argmax(hit))
+        name = names.get(role, role)
         message = f"{where(i)}: {name}: {reason}"
-        if skip or reason in always_skip:
-            log.add(reason, int(hit.sum()), message)
+        if skip or (role, reason) in always_skip:
+            log.add(f"{name}: {reason}", int(hit.sum()), message)
         elif first_error is None or i < first_error[0]:
             first_error = (i, message)
         keep &= ~mask
@@ -226,24 +185,22 @@ def to_chunk(
     energy_factor: float,
     length_factor: float,
     force_factor: float,
-    keep: np.ndarray | None = None,
+    first: int,
 ) -> MoleculeChunk:
-    """The kept molecules in packedqdc units: E kcal/mol, R Å, F kcal/mol/Å, Qtot e.
+    """The molecules in packedqdc units: E kcal/mol, R Å, F kcal/mol/Å, Qtot e (Q None: zeros).
 
-    ``keep`` (m,) bool selects molecules (None: all). Q None is written as zeros (neutral).
+    ``first`` is the input number of the first molecule (``chunk.index`` counts on from it). Z is
+    kept as read (int64): the writer casts it once its range is checked.
     """
-    if keep is not None:
-        atoms = np.repeat(keep, counts)
-        counts, Z, R, E = counts[keep], Z[atoms], R[atoms], E[keep]
-        F = None if F is None else F[atoms]
-        Q = None if Q is None else Q[keep]
+    m = counts.shape[0]
     return MoleculeChunk(
         n_atoms=np.asarray(counts, dtype=np.int32),
-        Z=np.asarray(Z, dtype=np.int32),
+        Z=np.asarray(Z, dtype=np.int64),
         R=scaled(R, length_factor, np.float32),
         E=scaled(E, energy_factor, np.float64),
         F=None if F is None else scaled(F, force_factor, np.float32),
-        Qtot=np.zeros(counts.shape[0]) if Q is None else np.asarray(Q, dtype=np.float64),
+        Qtot=np.zeros(m) if Q is None else np.asarray(Q, dtype=np.float64),
+        index=np.arange(first, first + m, dtype=np.int64),
     )
 
 
@@ -275,7 +232,8 @@ class ChunkBuffer:
             return None if arrays[0] is None else np.concatenate(arrays)
 
         return MoleculeChunk(
-            n_atoms=cat("n_atoms"), Z=cat("Z"), R=cat("R"), E=cat("E"), F=cat("F"), Qtot=cat("Qtot")
+            n_atoms=cat("n_atoms"), Z=cat("Z"), R=cat("R"), E=cat("E"), F=cat("F"), Qtot=cat("Qtot"),
+            index=cat("index"),
         )
 
 
@@ -286,7 +244,7 @@ __all__ = [
     "SkipLog",
     "check_input_file",
     "file_provenance",
-    "per_molecule",
+    "select",
     "require_extra",
     "scaled",
     "screen",

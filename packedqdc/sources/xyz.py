@@ -39,7 +39,17 @@ from ..elements import NUMBERS
 from ..errors import ConfigError, SourceError
 from ..format import MoleculeChunk
 from ..units import energy_factor, length_factor
-from .toolkit import FileDigest, SkipLog, check_input_file, file_provenance, require_extra, screen, to_chunk, value_flags
+from .toolkit import (
+    FileDigest,
+    SkipLog,
+    check_input_file,
+    file_provenance,
+    require_extra,
+    screen,
+    select,
+    to_chunk,
+    value_flags,
+)
 
 ENERGY_KEYS = ("energy", "REF_energy")
 FORCES_KEYS = ("forces", "REF_forces")
@@ -565,6 +575,8 @@ class XyzSource:
         self.keys = resolve_keys(self.files[0], energy_key, forces_key, charge_key)
         self.skip_invalid = skip_invalid
         self.parser = parser
+        self.name = str(self.files[0]) if len(self.files) == 1 else f"{self.files[0]} (+{len(self.files) - 1} files)"
+        self.input_paths = tuple(self.files)
         self.has_forces = self.keys.forces is not None
         self.has_qtot = True  # zeros (neutral) when no charge entry is read; provenance says so
         self.n_molecules: int | None = None
@@ -579,7 +591,7 @@ class XyzSource:
             digest = FileDigest(path)
             frames = 0
             for block in self._blocks(path):
-                chunk = self._convert(path, block)
+                chunk = self._convert(path, block, total + block.first)
                 frames = block.first + block.counts.shape[0]
                 if chunk is not None:
                     yield chunk
@@ -605,30 +617,40 @@ class XyzSource:
             self._used = f"fast, then ase from frame {fallback.frame} ({fallback})"
             yield from ase_blocks(path, self.keys, start=fallback.frame)
 
-    def _convert(self, path: Path, block: FrameBlock) -> MoleculeChunk | None:
+    def _convert(self, path: Path, block: FrameBlock, first: int) -> MoleculeChunk | None:
+        """The block's frames in packedqdc units, screened; ``first``: input number of frame 0."""
         keys, m = self.keys, block.counts.shape[0]
+        chunk = to_chunk(block.counts, block.Z, block.R, block.E, block.F, block.Q, first=first, **self.factors)
         flags = []
-
-        def state_flags(name: str, states: np.ndarray, what: str) -> None:
-            for state, reason in ((MISSING, f"missing (no {what} entry)"), (NOT_A_NUMBER, "not a real number")):
-                mask = states == state
-                if mask.any():
-                    flags.append((name, reason, mask))
-
         periodic = block.pbc.any(axis=1)
         if periodic.any():
             flags.append(("pbc", "periodic frame (the packed format has no cell; molecules only)", periodic))
-        state_flags(keys.energy, block.E_state, "energy")
-        if keys.forces is not None:
-            state_flags(keys.forces, block.F_state, "forces")
-        if keys.charge is not None:
-            state_flags(keys.charge, block.Q_state, "total charge")
-        names = {"Z": "species", "R": "pos", "E": keys.energy, "F": keys.forces or "F", "Q": keys.charge or "Q"}
-        flags += value_flags(block.counts, block.Z, block.R, block.E, block.F, block.Q, names)
-        keep = screen(flags, m, lambda i: f"{path}: frame {block.first + i}", skip=self.skip_invalid, log=self.skips)
-        if keep is not None and not keep.any():
-            return None
-        return to_chunk(block.counts, block.Z, block.R, block.E, block.F, block.Q, keep=keep, **self.factors)
+        for key, states, what in ((keys.energy, block.E_state, "energy"), (keys.forces, block.F_state, "forces"),
+                                  (keys.charge, block.Q_state, "total charge")):
+            if key is None:
+                continue
+            for state, reason in ((MISSING, f"missing (no {what} entry)"), (NOT_A_NUMBER, "not a real number")):
+                mask = states == state
+                if mask.any():
+                    flags.append((key, reason, mask))
+        flags += value_flags(chunk)
+        keep = screen(flags, m, lambda i: f"{path}: frame {block.first + i}", names=self._names,
+                      skip=self.skip_invalid, log=self.skips)
+        if keep is None:
+            return chunk
+        return select(chunk, keep) if keep.any() else None
+
+    @property
+    def _names(self) -> dict[str, str]:
+        """Chunk field -> its name in an extended XYZ frame."""
+        k = self.keys
+        return {"n_atoms": "species", "Z": "species", "R": "pos", "E": k.energy, "F": k.forces or "F",
+                "Qtot": k.charge or "charge"}
+
+    @property
+    def field_names(self) -> dict[str, str]:
+        """How ``pack_source``'s value screen names each chunk field."""
+        return {role: f"key {name!r}" for role, name in self._names.items()}
 
     def provenance(self) -> dict[str, Any]:
         """Files (path, size, sha256, frames, parser used), keys and units chosen, frames skipped."""
