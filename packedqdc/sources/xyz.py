@@ -317,16 +317,14 @@ def _number(text: str | None, frame: int) -> tuple[float, int]:
     """A per-frame number as ASE parses it (int, else float; a bare value only)."""
     if text is None:
         return np.nan, MISSING
-    if not text or any(c.isspace() or c == "," for c in text):
-        raise _Fallback(frame, "array-valued entry")
     try:
         return float(int(text)), OK
     except ValueError:
         pass
     try:
-        return float(text), OK
+        return float(text), OK  # "1,2", "1 2" and words fail here: ASE reads them as arrays or text
     except ValueError:
-        raise _Fallback(frame, "non-numeric entry") from None
+        raise _Fallback(frame, "entry that is not one number") from None
 
 
 def _pbc(entries: dict[str, str], frame: int) -> tuple[bool, bool, bool]:
@@ -353,7 +351,8 @@ class _Columns:
         names = fields[::3]
         if "Z" in names or names[:2] != ["species", "pos"] or len(set(names)) != len(names):
             raise _Fallback(frame, "Properties other than species, pos, ...")
-        kinds = {"R": "f8", "I": "i8", "S": "U32", "L": "U8"}
+        # text columns are not used (species aside): one character each keeps loadtxt fast
+        kinds = {"R": "f8", "I": "i8", "S": "U1", "L": "U1"}
         dtype: list[tuple[str, str]] = []
         has_forces = False
         for name, kind, cols_text in zip(names, fields[1::3], fields[2::3]):
@@ -366,21 +365,22 @@ class _Columns:
                 if (kind, cols) != ("R", 3):
                     raise _Fallback(frame, f"forces column {name}:{kind}:{cols}")
                 has_forces = True
-            dtype += [(f"{name}{c}", kinds[kind]) for c in range(cols)]
+            # species: 3 characters, so a longer (non-element) token shows as 3 characters, not cut to 2
+            dtype += [(f"{name}{c}", "U3" if name == "species" else kinds[kind]) for c in range(cols)]
         return _Columns(np.dtype(dtype), has_forces)
 
 
-_SPECIES: dict[str, int] = {}
-
-
 def _atomic_numbers(symbols: np.ndarray, frame: int) -> np.ndarray:
-    """(A,) int64 from species strings, capitalised as ASE does; unknown -> _Fallback."""
-    uniques, inverse = np.unique(symbols, return_inverse=True)
+    """(A,) int64 from a 'U3' species column, capitalised as ASE does; unknown -> _Fallback."""
+    codes = np.ascontiguousarray(symbols).view(np.uint32).reshape(-1, 3).astype(np.int64)
+    keys = codes[:, 0] | (codes[:, 1] << 21) | (codes[:, 2] << 42)  # code points are < 2**21
+    uniques, inverse = np.unique(keys, return_inverse=True)
     table = np.empty(uniques.shape[0], dtype=np.int64)
-    for i, s in enumerate(uniques.tolist()):
-        z = NUMBERS.get(s.capitalize())
+    for i, key in enumerate(uniques.tolist()):
+        text = "".join(chr((key >> shift) & 0x1FFFFF) for shift in (0, 21, 42)).rstrip("\x00")
+        z = NUMBERS.get(text.capitalize())
         if z is None:
-            raise _Fallback(frame, f"species {s!r}")
+            raise _Fallback(frame, f"species {text!r}")
         table[i] = z
     return table[inverse.reshape(-1)]
 
