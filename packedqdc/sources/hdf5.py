@@ -168,7 +168,7 @@ class Hdf5Source:
             first = self._file[self.groups[0]]
             self.energy_key = energy_key or self.layout.energy
             self.forces_key = self._resolve_forces(first, forces_key)
-            self.n_molecules = sum(self._shape(self._file[g], self.layout.positions)[0] for g in self.groups)
+            self.n_molecules = sum(self._dataset(self._file[g], self.layout.positions).shape[0] for g in self.groups)
         except BaseException:
             self._file.close()
             raise
@@ -185,16 +185,21 @@ class Hdf5Source:
     # ---- structure ----------------------------------------------------------------------
 
     def _molecule_groups(self) -> list[str]:
-        """Paths of the groups that hold the positions dataset, in h5py's (name) order."""
+        """Paths of the groups that hold the positions dataset, in h5py's (name) order.
+
+        ``visit`` passes names only (no h5py object per member), which keeps a scan of 20,000
+        SPICE groups to a fraction of a second.
+        """
         found: list[str] = []
         positions = self.layout.positions
 
-        def visit(name: str, obj: Any) -> None:
-            if isinstance(obj, self.h5py.Group) and positions in obj:
-                found.append(name)
+        def visit(name: str) -> None:
+            parent, _, leaf = name.rpartition("/")
+            if leaf == positions:
+                found.append(parent or "/")
 
         try:
-            self._file.visititems(visit)
+            self._file.visit(visit)
         except (OSError, RuntimeError, KeyError) as exc:
             raise SourceError(f"{self.path}: the group index is unreadable ({_one_line(exc)}); truncated?") from None
         if not found:
@@ -213,22 +218,25 @@ class Hdf5Source:
         candidate = f"{level}.forces" if dot and kind == "energy" else None
         return candidate if candidate is not None and candidate in first else None
 
-    def _shape(self, group: Any, key: str) -> tuple[int, ...]:
+    def _dataset(self, group: Any, key: str) -> Any:
+        """``group[key]``, with a one-line error naming the file, the group and the dataset."""
         try:
-            return tuple(group[key].shape)
+            return group[key]
         except KeyError:
             raise SourceError(f"{self.path}: group {group.name}: dataset {key!r}: missing") from None
-
-    def _read(self, group: Any, key: str, lo: int | None = None, hi: int | None = None) -> np.ndarray:
-        """``group[key][lo:hi]`` (whole dataset without a range), with one-line errors."""
-        try:
-            dataset = group[key]
-            return np.asarray(dataset[()] if lo is None else dataset[lo:hi])
-        except KeyError:
-            raise SourceError(f"{self.path}: group {group.name}: dataset {key!r}: missing") from None
-        except (OSError, RuntimeError, ValueError, TypeError) as exc:
+        except (OSError, RuntimeError) as exc:
             raise SourceError(
                 f"{self.path}: group {group.name}: dataset {key!r}: unreadable ({_one_line(exc)}); truncated file?"
+            ) from None
+
+    def _read(self, group: Any, dataset: Any, lo: int | None = None, hi: int | None = None) -> np.ndarray:
+        """``dataset[lo:hi]`` (all of it without a range) as an array, with one-line errors."""
+        try:
+            return np.asarray(dataset[()] if lo is None else dataset[lo:hi])
+        except (OSError, RuntimeError, ValueError, TypeError) as exc:
+            name = dataset.name.rpartition("/")[2]
+            raise SourceError(
+                f"{self.path}: group {group.name}: dataset {name!r}: unreadable ({_one_line(exc)}); truncated file?"
             ) from None
 
     # ---- reading ------------------------------------------------------------------------
@@ -247,9 +255,14 @@ class Hdf5Source:
 
     def _group_chunks(self, group: Any) -> Iterator[MoleculeChunk]:
         layout = self.layout
-        numbers = next((k for k in layout.numbers if k in group), layout.numbers[0])
-        z_all = self._read(group, numbers).astype(np.int64)
-        shape = self._shape(group, layout.positions)
+        numbers = layout.numbers[0]
+        if len(layout.numbers) > 1:
+            numbers = next((k for k in layout.numbers if k in group), numbers)
+        positions = self._dataset(group, layout.positions)
+        energy = self._dataset(group, self.energy_key)
+        forces = None if self.forces_key is None else self._dataset(group, self.forces_key)
+        z_all = self._read(group, self._dataset(group, numbers)).astype(np.int64)
+        shape = positions.shape
         if len(shape) != 3 or shape[2] != 3:
             raise SourceError(f"{self.path}: group {group.name}: dataset {layout.positions!r}: shape {shape}, expected (C, n, 3)")
         c, n = shape[0], shape[1]
@@ -257,27 +270,28 @@ class Hdf5Source:
             raise SourceError(
                 f"{self.path}: group {group.name}: dataset {numbers!r}: shape {z_all.shape}, expected ({n},) or ({c}, {n})"
             )
-        self._expect(group, self.energy_key, ((c,), (c, 1)))
-        if self.forces_key is not None:
-            self._expect(group, self.forces_key, ((c, n, 3),))
+        self._expect(group, self.energy_key, energy.shape, ((c,), (c, 1)))
+        if forces is not None:
+            self._expect(group, self.forces_key, forces.shape, ((c, n, 3),))
         charge = self._group_charge(group)
+        names = {"n_atoms": numbers, "Z": numbers, "R": layout.positions, "E": self.energy_key,
+                 "F": self.forces_key or "F", "Qtot": layout.smiles or "charge"}
         step = max(1, CHUNK_ATOMS // max(n, 1))
         for lo in range(0, c, step):
             hi = min(lo + step, c)
+            whole = (None, None) if (lo, hi) == (0, c) else (lo, hi)  # h5py reads a whole dataset fastest
             m = hi - lo
             counts = np.full(m, n, dtype=np.int64)
-            Z = (np.tile(z_all, m) if z_all.ndim == 1 else z_all[lo:hi].reshape(-1))
-            R = self._read(group, layout.positions, lo, hi).reshape(-1, 3)
-            E = self._read(group, self.energy_key, lo, hi).reshape(-1).astype(np.float64)
+            Z = np.tile(z_all, m) if z_all.ndim == 1 else z_all[lo:hi].reshape(-1)
+            R = self._read(group, positions, *whole).reshape(-1, 3)
+            E = self._read(group, energy, *whole).reshape(-1).astype(np.float64)
             F = None
-            if self.forces_key is not None:
-                F = self._read(group, self.forces_key, lo, hi).reshape(-1, 3)
+            if forces is not None:
+                F = self._read(group, forces, *whole).reshape(-1, 3)
                 if _is_gradient(self.forces_key):
                     F = -F.astype(np.float64)
             Q = None if charge is None else np.full(m, float(charge))
             chunk = to_chunk(counts, Z, R, E, F, Q, first=self._seen + lo, **self.factors)
-            names = {"n_atoms": numbers, "Z": numbers, "R": layout.positions, "E": self.energy_key,
-                     "F": self.forces_key or "F", "Qtot": layout.smiles or "charge"}
             keep = screen(
                 value_flags(chunk), m, lambda i: f"{self.path}: group {group.name}: conformer {lo + i}",
                 names=names, skip=self.skip_invalid, log=self.skips, always_skip=MISSING_LABEL,
@@ -288,17 +302,17 @@ class Hdf5Source:
                 yield select(chunk, keep)
         self._seen += c
 
-    def _expect(self, group: Any, key: str, shapes: tuple[tuple[int, ...], ...]) -> None:
-        shape = self._shape(group, key)
-        if shape not in shapes:
+    def _expect(self, group: Any, key: str, shape: tuple[int, ...], shapes: tuple[tuple[int, ...], ...]) -> None:
+        if tuple(shape) not in shapes:
             raise SourceError(
-                f"{self.path}: group {group.name}: dataset {key!r}: shape {shape}, expected {' or '.join(map(str, shapes))}"
+                f"{self.path}: group {group.name}: dataset {key!r}: shape {tuple(shape)}, "
+                f"expected {' or '.join(map(str, shapes))}"
             )
 
     def _group_charge(self, group: Any) -> int | None:
         if self.layout.smiles is None:
             return None
-        raw = self._read(group, self.layout.smiles).reshape(-1)
+        raw = self._read(group, self._dataset(group, self.layout.smiles)).reshape(-1)
         if raw.shape[0] < 1:
             raise SourceError(f"{self.path}: group {group.name}: dataset {self.layout.smiles!r}: empty")
         value = raw[0]
