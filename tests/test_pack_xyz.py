@@ -240,3 +240,35 @@ def test_missing_ase_says_which_extra(tmp_path: Path, monkeypatch: pytest.Monkey
     assert result.output.strip().splitlines() == [
         "Error: pack xyz needs the ase package (ase.io missing): pip install 'packedqdc[ase]'"
     ]
+
+
+def test_errors_name_the_file_and_its_own_frame_number(tmp_path: Path) -> None:
+    first = write(tmp_path / "a.xyz", make_frames(4, seed=20))
+    frames = make_frames(5, seed=21)
+    frames[2].cell = np.eye(3) * 9.0
+    frames[2].pbc = (True, False, False)
+    second = write(tmp_path / "b.xyz", frames)
+    with pytest.raises(Exception, match=rf"^{second}: frame 2: pbc: periodic frame"):
+        pack_xyz([first, second], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_fast_only_parser_refuses_what_it_cannot_read(tmp_path: Path) -> None:
+    src = write(tmp_path / "a.xyz", make_frames(4, seed=22))
+    lines = src.read_text().splitlines()
+    lines[1] += " flag"  # a key without a value: the fast reader hands such frames to ASE
+    src.write_text("\n".join(lines) + "\n")
+    result = CliRunner().invoke(app, ["pack", "xyz", str(src), str(tmp_path / "out"), "--parser", "fast"])
+    assert result.exit_code == 1
+    assert result.output.strip().startswith(f"Error: {src}: frame 0: the fast extended XYZ reader cannot read it")
+    assert pack_xyz([src], tmp_path / "auto").n_molecules == 4
+
+
+def test_unknown_symbol_is_an_error_naming_the_frame(tmp_path: Path) -> None:
+    src = write(tmp_path / "a.xyz", make_frames(4, seed=23))
+    text = src.read_text().splitlines()
+    start = 2 + int(text[0]) + 2  # first atom line of frame 1
+    text[start] = "Qq" + text[start][2:]
+    src.write_text("\n".join(text) + "\n")
+    with pytest.raises(Exception, match=rf"^{src}: frame 1: not readable as extended XYZ \(KeyError: 'Qq'\)"):
+        pack_xyz([src], tmp_path / "out")
