@@ -225,3 +225,22 @@ def test_missing_h5py_says_which_extra(tmp_path: Path, monkeypatch: pytest.Monke
     assert result.output.strip().splitlines() == [
         "Error: pack hdf5 needs the h5py package (h5py missing): pip install 'packedqdc[hdf5]'"
     ]
+
+
+def test_ani_per_conformer_species_groups_by_size(tmp_path: Path) -> None:
+    """ANI-2x/TorchANI files group conformers by atom count, with species per conformer (C, n)."""
+    rng = np.random.default_rng(5)
+    src = tmp_path / "ani2x.h5"
+    with h5py.File(src, "w") as f:
+        g = f.create_group("003")
+        species = np.array([[8, 1, 1], [7, 1, 1], [8, 1, 1], [6, 8, 1]], dtype=np.int64)
+        coords = rng.normal(size=(4, 3, 3)).astype(np.float32)
+        energies = rng.normal(-70.0, 1.0, size=4)
+        forces = rng.normal(0.0, 0.1, size=(4, 3, 3)).astype(np.float32)
+        for key, value in (("species", species), ("coordinates", coords), ("energies", energies), ("forces", forces)):
+            g.create_dataset(key, data=value)
+    out = pack_hdf5(src, tmp_path / "out", layout="ani", energy_key="energies", forces_key="forces").path
+    ds = open_packed(out)
+    np.testing.assert_array_equal(ds.Z, species.reshape(-1))
+    np.testing.assert_array_equal(ds.E, energies * HARTREE_TO_KCAL_MOL)
+    np.testing.assert_array_equal(ds.F, (forces.reshape(-1, 3).astype(np.float64) * HARTREE_TO_KCAL_MOL).astype(np.float32))
