@@ -32,6 +32,7 @@ import os
 import shutil
 import tempfile
 import queue
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -61,6 +62,7 @@ QTOT_FILE = "Qtot.f64"
 META = "meta.json"
 
 UNITS = {"energy": "kcal/mol", "length": "angstrom", "forces": "kcal/mol/angstrom", "charge": "e"}
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -224,8 +226,28 @@ def open_packed(path: str | os.PathLike[str]) -> PackedDataset:
         F=arrays[F_FILE],
         E=arrays[E_FILE],
         Qtot=arrays[QTOT_FILE],
-        meta=read_meta(root),
+        meta=check_meta_header(root, read_meta(root)),
     )
+
+
+def check_meta_header(root: Path, meta: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``meta`` if it describes this format, version and units; FormatError otherwise.
+
+    A directory without meta.json (the seed's) is taken as it is. One whose meta.json names another
+    format, a version this code does not know, or other units is refused: its numbers would be
+    read as kcal/mol and Å when they are not.
+    """
+    if meta is None:
+        return None
+    file = root / META
+    if meta.get("format") != FORMAT_NAME:
+        raise FormatError(f"{file}: format is {meta.get('format')!r}, not {FORMAT_NAME!r}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise FormatError(f"{file}: format_version {meta.get('format_version')!r} is not supported "
+                          f"(this packedqdc reads version {FORMAT_VERSION})")
+    if "units" in meta and meta["units"] != UNITS:
+        raise FormatError(f"{file}: units {meta['units']!r} differ from packedqdc's {UNITS}; repack the data")
+    return meta
 
 
 def _memmap(file: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:

@@ -76,6 +76,46 @@ def _raise_terminated(signum: int, frame: Any) -> None:
     raise Terminated()
 
 
+class GracefulStop:
+    """Turns the first Ctrl-C or SIGTERM into a request that the running job polls (``reason()``),
+    so that it stops at a clean point; a second signal interrupts at once, as usual.
+
+    Use as a context manager around a long job (training); outside it, the handlers of
+    ``handles_errors`` apply again.
+    """
+
+    def __init__(self) -> None:
+        self._reason: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def reason(self) -> str | None:
+        """None until a signal came; then "interrupted" (SIGINT) or "terminated" (SIGTERM)."""
+        return self._reason
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self._reason is not None:  # the second signal: stop now
+            raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+        self._reason = "terminated" if signum == signal.SIGTERM else "interrupted"
+        err_console.print(f"[bold yellow]{'SIGTERM' if signum == signal.SIGTERM else 'Ctrl-C'}:[/] stopping "
+                          "after this step with a checkpoint (signal again to stop at once)")
+
+    def __enter__(self) -> GracefulStop:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+#: exit codes of a job stopped by a signal (128 + signal number, as shells report them)
+SIGNAL_EXIT = {"interrupted": 130, "terminated": 143}
+
+
 def os_error_message(exc: OSError) -> str:
     """One line for an OSError: the path(s) it names, then what went wrong."""
     reason = exc.strerror or (str(exc.args[0]) if exc.args else type(exc).__name__)

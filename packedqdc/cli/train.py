@@ -11,8 +11,8 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..errors import ConfigError
-from ..train.config import TrainConfig
-from .app import app, console, err_console, handles_errors
+from ..train.config import TrainConfig, check_run_name
+from .app import SIGNAL_EXIT, GracefulStop, app, console, err_console, handles_errors
 
 if TYPE_CHECKING:  # JAX loads only when a run starts, so the other commands start fast
     from ..parallel import DistributedConfig, Placement
@@ -32,10 +32,11 @@ def _opt(default: Any, name: str, help: str) -> Any:
 @app.command("train")
 @handles_errors
 def train(
+    ctx: typer.Context,
     data_path: Optional[Path] = _opt(None, "data-path", "Packed directory \\[default: the bundled sample, packed into RUNS_DIR/.cache]."),
     name: Optional[str] = _opt(None, "name", "Run name: outputs go to RUNS_DIR/NAME \\[default: physnet-DATE-TIME]."),
     runs_dir: Path = _opt(Path("runs"), "runs-dir", "Directory of runs."),
-    resume: bool = _opt(False, "resume", "Continue RUNS_DIR/NAME from its latest checkpoint (its saved options apply; --num-epochs and --max-time may change)."),
+    resume: bool = _opt(False, "resume", "Continue RUNS_DIR/NAME from its latest checkpoint (its saved options apply; --num-epochs, --max-time and --data-path, to a copy of the same dataset, may change)."),
     batch_size: int = _opt(_default("batch_size"), "batch-size", "Molecules per step over all devices, the global batch (packed layout: on average)."),
     num_epochs: Optional[int] = _opt(None, "num-epochs", f"Epochs to train in all \\[default: {_default('num_epochs')}]."),
     learning_rate: float = _opt(_default("learning_rate"), "learning-rate", "Initial learning rate (AMSGrad)."),
@@ -82,11 +83,16 @@ def train(
         run_dir = runs_dir / name
         if not run_dir.is_dir():
             raise ConfigError(f"{run_dir}: no such run to resume")
-        trainer = resume_run(run_dir, num_epochs=num_epochs, max_time=max_time, placement=placement)
-        console.print(f"resuming [bold]{run_dir}[/] at epoch {int(trainer.state.epoch)}, step {int(trainer.state.step)}")
+        trainer = resume_run(run_dir, num_epochs=num_epochs, max_time=max_time, data_path=data_path,
+                             placement=placement)
+        console.print(f"resuming [bold]{trainer.run_dir}[/] at epoch {int(trainer.state.epoch)}, "
+                      f"step {int(trainer.state.step)}", soft_wrap=True)
+        _note_saved_options(ctx, trainer.cfg)
     else:
         if data_path is not None and not data_path.exists():
             raise ConfigError(f"{data_path}: --data-path does not exist")
+        if name is not None:
+            check_run_name(name)
         cfg = TrainConfig(
             data_path=None if data_path is None else str(data_path), name=name, runs_dir=str(runs_dir),
             batch_size=batch_size, num_epochs=_default("num_epochs") if num_epochs is None else num_epochs,
@@ -104,21 +110,46 @@ def train(
                       f"{trainer.valid_data.loader.N} valid molecules from {trainer.cfg.data_path}; "
                       f"electrostatics {'on' if trainer.cfg.electrostatics else 'off'}; reference residual "
                       f"{ref.per_atom_mean:.3f} ± {ref.per_atom_std:.3f} kcal/mol/atom")
-    with _progress() as progress:
-        task = progress.add_task("epoch", total=None, visible=False)
+    try:
+        with _progress() as progress, GracefulStop() as stop:
+            task = progress.add_task("epoch", total=None, visible=False)
 
-        def epoch_start(epoch: int, steps: int) -> None:
-            progress.reset(task, total=steps, description=f"epoch {epoch + 1}/{trainer.cfg.num_epochs}", visible=True)
+            def epoch_start(epoch: int, steps: int) -> None:
+                progress.reset(task, total=steps, description=f"epoch {epoch + 1}/{trainer.cfg.num_epochs}",
+                               visible=True)
 
-        result = fit(trainer, Callbacks(
-            epoch_start=epoch_start,
-            step=lambda n: progress.advance(task),
-            epoch_end=lambda row: console.print(_epoch_line(row), soft_wrap=True),
-            message=lambda text: console.print(text),
-        ))
-    trainer.checkpoints.close()
+            result = fit(trainer, Callbacks(
+                epoch_start=epoch_start,
+                step=lambda n: progress.advance(task),
+                epoch_end=lambda row: console.print(_epoch_line(row), soft_wrap=True),
+                message=lambda text: console.print(text),
+                stop_requested=stop.reason,
+            ))
+    finally:
+        trainer.close()
     console.print(f"{result.reason}: epoch {result.epoch}, step {result.step}, best valid loss "
                   f"{result.best_valid_loss:.4g}; outputs in {trainer.run_dir}")
+    if result.reason in SIGNAL_EXIT:
+        raise typer.Exit(SIGNAL_EXIT[result.reason])
+
+
+#: options a resumed run takes from the command line; every other one comes from the run itself
+RESUME_OPTIONS = {"name", "runs_dir", "resume", "num_epochs", "max_time", "data_path", "devices", "distributed",
+                  "coordinator", "num_processes", "process_id"}
+
+
+def _note_saved_options(ctx: typer.Context, cfg: TrainConfig) -> None:
+    """Say which options given with --resume were ignored because the run's saved values apply."""
+    saved = cfg.to_dict()
+    ignored = [
+        f"--{name.replace('_', '-')} (the run has {saved[name]!r})"
+        for name, value in ctx.params.items()
+        if name not in RESUME_OPTIONS and getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"
+        and name in saved and saved[name] != value
+    ]
+    if ignored:
+        console.print(f"[bold yellow]note:[/] the run's saved options apply on --resume; ignored: "
+                      f"{', '.join(ignored)}", soft_wrap=True, highlight=False)
 
 
 def _placement(devices: Optional[int], distributed: bool, job: DistributedConfig, name: Optional[str]) -> Placement:

@@ -273,7 +273,9 @@ class NpzSource:
 
     def _open_zip(self) -> None:
         if not self.path.is_file():
-            raise UnreadableSourceError(f"{self.name}: no such file")
+            what = ("is a directory, not an NPZ file" if self.path.is_dir()
+                    else "is not a regular file" if self.path.exists() else "no such file")
+            raise UnreadableSourceError(f"{self.name}: {what}")
         try:
             self._raw: IO[bytes] = open(self.path, "rb")
             self._zf = zipfile.ZipFile(self._raw)

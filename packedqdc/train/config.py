@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,15 @@ PHYSNET_CHARGE_WEIGHT = 14.399645351950548
 LAYOUTS = ("packed", "padded")
 LOSSES = ("mae", "mse")
 LR_SCHEDULES = ("exponential", "plateau")
+#: A run name is one plain directory name, so that a run stays inside its runs directory.
+RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+=@-]*")
+
+
+def check_run_name(name: str) -> None:
+    """ConfigError unless ``name`` is a plain directory name (no path separators, not ``..``)."""
+    if not RUN_NAME.fullmatch(name) or len(name) > 200:
+        raise ConfigError(f"--name {name!r}: a run name is one directory name of letters, digits and "
+                          "'._+=@-' (no '/', not starting with '.' or '-'); put runs elsewhere with --runs-dir")
 
 
 @dataclass(frozen=True)
@@ -102,6 +113,12 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"train config: {message}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"train config: {f.name} must be a finite number, got {value}")
+        if self.name is not None:
+            check_run_name(self.name)
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with ``changes`` applied (validated again)."""

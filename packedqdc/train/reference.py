@@ -15,7 +15,7 @@ import numpy as np
 from ..element_fit import ElementEnergyFit
 from ..elements import MAX_Z, element_counts, symbol
 from ..errors import ConfigError, SourceError
-from ..format import E_FILE, PackedDataset
+from ..format import E_FILE, Z_FILE, PackedDataset
 
 NUM_ROWS = MAX_Z + 1  # rows of the element table: index 0 (padding) is always 0
 
@@ -107,7 +107,13 @@ def _blocks(data: PackedDataset, selected: np.ndarray, block: int
             continue
         a0, a1 = int(data.offsets[lo]), int(data.offsets[hi])
         n_atoms = np.asarray(data.n_atoms[lo:hi], dtype=np.int64)
-        counts = element_counts(np.asarray(data.Z[a0:a1]), n_atoms)
+        Z = np.asarray(data.Z[a0:a1], dtype=np.int64)
+        if Z.size and (Z.min() < 1 or Z.max() > MAX_Z):  # the embedding would clip it silently
+            mol = np.repeat(np.arange(hi - lo), n_atoms)
+            atom = int(np.flatnonzero((Z < 1) | (Z > MAX_Z))[0])
+            raise SourceError(f"{data.path / Z_FILE}: molecule {lo + int(mol[atom])}: atomic number "
+                              f"{int(Z[atom])} outside 1..{MAX_Z}")
+        counts = element_counts(Z, n_atoms)
         qtot = np.zeros(hi - lo) if data.Qtot is None else np.asarray(data.Qtot[lo:hi], dtype=np.float64)
         energies = np.asarray(data.E[lo:hi], dtype=np.float64)
         bad = np.flatnonzero(keep & ~np.isfinite(energies))
