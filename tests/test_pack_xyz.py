@@ -272,3 +272,12 @@ def test_unknown_symbol_is_an_error_naming_the_frame(tmp_path: Path) -> None:
     src.write_text("\n".join(text) + "\n")
     with pytest.raises(Exception, match=rf"^{src}: frame 1: not readable as extended XYZ \(KeyError: 'Qq'\)"):
         pack_xyz([src], tmp_path / "out")
+
+
+def test_value_that_overflows_float32_is_one_line_error(tmp_path: Path) -> None:
+    frames = make_frames(3, seed=24)
+    frames[1].positions[0, 0] = 1e39  # finite as read, inf once stored as float32
+    src = write(tmp_path / "big.xyz", frames)
+    result = CliRunner().invoke(app, ["pack", "xyz", str(src), str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [f"Error: {src}: frame 1: pos: non-finite value"]

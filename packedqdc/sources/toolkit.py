@@ -168,10 +168,16 @@ def screen(
 
 
 def scaled(a: np.ndarray, factor: float, dtype: type) -> np.ndarray:
-    """``a * factor`` as ``dtype``, computed in float64; no arithmetic when ``factor`` is 1."""
-    if factor == 1.0:
-        return np.asarray(a).astype(dtype, copy=False)
-    return (np.asarray(a, dtype=np.float64) * factor).astype(dtype)
+    """``a * factor`` as ``dtype``, computed in float64; no arithmetic when ``factor`` is 1.
+
+    A value that overflows (to inf in float32) is not warned about here: the value check
+    (``checks.invalid_molecules``) reports it by molecule.
+    """
+    a = np.asarray(a)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if factor == 1.0:
+            return a.astype(dtype, copy=False)
+        return (a.astype(np.float64) * factor).astype(dtype)
 
 
 def to_chunk(
