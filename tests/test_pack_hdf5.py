@@ -244,3 +244,15 @@ def test_ani_per_conformer_species_groups_by_size(tmp_path: Path) -> None:
     np.testing.assert_array_equal(ds.Z, species.reshape(-1))
     np.testing.assert_array_equal(ds.E, energies * HARTREE_TO_KCAL_MOL)
     np.testing.assert_array_equal(ds.F, (forces.reshape(-1, 3).astype(np.float64) * HARTREE_TO_KCAL_MOL).astype(np.float32))
+
+
+def test_file_reopened_between_groups_reads_the_same(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import packedqdc.sources.hdf5 as hdf5_source
+
+    src = tmp_path / "spice.hdf5"
+    write_spice(src, conformers=4, seed=9)
+    once = pack_hdf5(src, tmp_path / "once", layout="spice").path
+    monkeypatch.setattr(hdf5_source, "REOPEN_GROUPS", 1)  # a fresh handle for every group
+    every = pack_hdf5(src, tmp_path / "every", layout="spice").path
+    for name in ("Z_pack.int32", "R_pack.f32", "F_pack.f32", "E.f64", "Qtot.f64", "offsets.npy"):
+        assert (once / name).read_bytes() == (every / name).read_bytes(), name
