@@ -52,6 +52,8 @@ def require_extra(module: str, extra: str, command: str) -> ModuleType:
 
 def check_input_file(path: Path) -> None:
     """Raise UnreadableSourceError (one line) unless ``path`` is a readable regular file."""
+    if path.is_dir():
+        raise UnreadableSourceError(f"{path}: is a directory, not a file")
     if not path.is_file():
         raise UnreadableSourceError(f"{path}: no such file")
     if not os.access(path, os.R_OK):
