@@ -12,7 +12,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install -q --upgrade pip
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install -q -e '.[test,openqdc]'
+	$(BIN)/python -m pip install -q -e '.[test,openqdc,ase,hdf5]'
 	touch $@
 
 venv: $(VENV)/.installed
