@@ -24,10 +24,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import ConfigError
-from .extras import require
+from .sources.toolkit import require_extra
 from .units import energy_factor
 
-require("ase", "ase", "packedqdc.ase")
+require_extra("ase", "ase", "packedqdc.ase")
 
 from ase import Atoms  # noqa: E402
 from ase.calculators.calculator import Calculator as _ASECalculator  # noqa: E402

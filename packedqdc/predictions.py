@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ConfigError, SourceError, TargetExistsError
-from .extras import require
+from .sources.toolkit import require_extra
 from .units import energy_factor
 
 #: Output suffixes and their formats.
@@ -55,7 +55,7 @@ def read_structures(path: str | Path, charge: float = 0.0, known_elements: Any =
         (with ``known_elements``) an element the model has not learned; the message names the
         structure.
     """
-    ase_io = require("ase.io", "ase", "predict on a structure file")
+    ase_io = require_extra("ase.io", "ase", "predict on a structure file")
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: INPUT is neither a packed directory nor a file")
@@ -111,7 +111,7 @@ def _write_npz(p: Any, fh: Any) -> None:
 
 
 def _write_extxyz(p: Any, fh: Any) -> None:
-    require("ase", "ase", "--output .xyz/.extxyz")
+    require_extra("ase", "ase", "--output .xyz/.extxyz")
     from ase import Atoms
     from ase.calculators.singlepoint import SinglePointCalculator
     from ase.io import write

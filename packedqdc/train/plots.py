@@ -20,7 +20,7 @@ import numpy as np
 
 from ..elements import symbol
 from ..errors import ConfigError, TargetExistsError
-from ..extras import require
+from ..sources.toolkit import require_extra
 
 #: Above this many points a parity panel is a hexbin density instead of a scatter.
 SCATTER_LIMIT = 20_000
@@ -29,7 +29,7 @@ SCATTER_LIMIT = 20_000
 def check_plot_target(path: str | Path, force: bool = False, hint: str = "pass --force to replace it") -> None:
     """Before any work: ``path`` must end in .png, .pdf or .svg, its directory exist, and (unless
     ``force``) no file be there already; matplotlib must be installed."""
-    require("matplotlib", "plot", "plotting")
+    require_extra("matplotlib", "plot", "plotting")
     path = Path(path)
     if path.suffix.lower() not in (".png", ".pdf", ".svg"):
         raise ConfigError(f"{path}: the plot file must end in .png, .pdf or .svg")
@@ -40,7 +40,7 @@ def check_plot_target(path: str | Path, force: bool = False, hint: str = "pass -
 
 
 def _pyplot() -> Any:
-    matplotlib = require("matplotlib", "plot", "plotting")
+    matplotlib = require_extra("matplotlib", "plot", "plotting")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
