@@ -20,7 +20,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ..elements import MAX_Z, symbol
+from ..element_fit import ElementEnergyFit
+from ..elements import MAX_Z, element_counts, symbol
 from ..errors import ConfigError, SourceError
 from ..format import E_FILE, Z_FILE, PackedDataset
 
@@ -143,14 +144,13 @@ def _blocks(data: PackedDataset, selected: np.ndarray, block: int
             continue
         a0, a1 = int(data.offsets[lo]), int(data.offsets[hi])
         n_atoms = np.asarray(data.n_atoms[lo:hi], dtype=np.int64)
-        mol = np.repeat(np.arange(hi - lo), n_atoms)
         Z = np.asarray(data.Z[a0:a1], dtype=np.int64)
         if Z.size and (Z.min() < 1 or Z.max() > MAX_Z):  # the embedding would clip it silently
+            mol = np.repeat(np.arange(hi - lo), n_atoms)
             atom = int(np.flatnonzero((Z < 1) | (Z > MAX_Z))[0])
             raise SourceError(f"{data.path / Z_FILE}: molecule {lo + int(mol[atom])}: atomic number "
                               f"{int(Z[atom])} outside 1..{MAX_Z}")
-        counts = np.bincount(mol * NUM_ROWS + Z, minlength=(hi - lo) * NUM_ROWS)
-        counts = counts.reshape(hi - lo, NUM_ROWS).astype(np.float64)
+        counts = element_counts(Z, n_atoms)
         qtot = np.zeros(hi - lo) if data.Qtot is None else np.asarray(data.Qtot[lo:hi], dtype=np.float64)
         energies = np.asarray(data.E[lo:hi], dtype=np.float64)
         bad = np.flatnonzero(keep & ~np.isfinite(energies))
@@ -173,37 +173,6 @@ def fit_charges(data: PackedDataset, selected: np.ndarray) -> tuple[int, ...]:
     return tuple(sorted({int(q) for q in np.rint(values)}))
 
 
-def design_columns(counts: np.ndarray, qtot: np.ndarray, offset_charges: tuple[int, ...]) -> np.ndarray:
-    """Design matrix of a block: element counts (m, 119), then one indicator per fitted charge."""
-    indicators = np.rint(qtot)[:, None] == np.asarray(offset_charges, dtype=np.float64)[None, :]
-    return np.concatenate([counts, indicators.astype(np.float64)], axis=1)
-
-
-def normal_equations(data: PackedDataset, selected: np.ndarray, offset_charges: tuple[int, ...], block: int
-                     ) -> tuple[np.ndarray, np.ndarray]:
-    """``(XᵀX, Xᵀy)`` in float64 of the design ``design_columns`` against E, streamed by blocks."""
-    width = NUM_ROWS + len(offset_charges)
-    xtx = np.zeros((width, width))
-    xty = np.zeros(width)
-    for counts, qtot, energies, _ in _blocks(data, selected, block):
-        x = design_columns(counts, qtot, offset_charges)
-        xtx += x.T @ x
-        xty += x.T @ energies
-    return xtx, xty
-
-
-def solve_normal_equations(xtx: np.ndarray, xty: np.ndarray) -> np.ndarray:
-    """Least-squares coefficients; columns never seen get 0, collinear ones the minimum-norm solution."""
-    active = np.flatnonzero(np.diag(xtx) > 0)
-    coef = np.zeros(xtx.shape[0])
-    if active.size:
-        sub = xtx[np.ix_(active, active)]
-        scale = np.sqrt(np.diag(sub))  # column scaling keeps the normal equations well conditioned
-        solution = np.linalg.lstsq(sub / np.outer(scale, scale), xty[active] / scale, rcond=None)[0]
-        coef[active] = solution / scale
-    return coef
-
-
 def fit_reference_energies(data: PackedDataset, indices: np.ndarray, block: int = 65536) -> ReferenceEnergies:
     """Least-squares fit of per-element energies and one offset per total charge.
 
@@ -212,22 +181,22 @@ def fit_reference_energies(data: PackedDataset, indices: np.ndarray, block: int 
         indices: (n,) int molecule indices to fit on (the training split).
         block: molecules read per block.
 
-    Returns the fit: ``E ≈ Σ e_Z + c_Q``, with ``c_0 = 0`` when neutral molecules are present (the
-    offsets of the other charges are then relative to the neutral element sums). Elements absent
-    from ``indices`` get 0, collinear columns the minimum-norm solution (only predictions matter).
-    Raises SourceError on a non-finite energy or a non-integer total charge.
+    Returns the fit (``packedqdc.element_fit``, the same one ``pack openqdc`` uses): ``E ≈ Σ e_Z +
+    c_Q``, with ``c_0 = 0`` when neutral molecules are present (the offsets of the other charges are
+    then relative to the neutral element sums). Elements absent from ``indices`` get 0, collinear
+    columns the minimum-norm solution (only predictions matter). Raises SourceError on a non-finite
+    energy or a non-integer total charge.
     """
     selected = np.zeros(data.n_molecules, dtype=bool)
     selected[np.asarray(indices, dtype=np.int64)] = True
     charges = fit_charges(data, selected)
-    offset_charges = tuple(q for q in charges if q != 0) if 0 in charges else charges
-    xtx, xty = normal_equations(data, selected, offset_charges, block)
-    coef = solve_normal_equations(xtx, xty)
-    table = coef[:NUM_ROWS].copy()
-    table[0] = 0.0
-    fitted = dict(zip(offset_charges, coef[NUM_ROWS:].tolist()))
+    fit = ElementEnergyFit(offset_charges=tuple(q for q in charges if q != 0) if 0 in charges else charges)
+    for counts, qtot, energies, _ in _blocks(data, selected, block):
+        fit.add(counts, energies, qtot)
+    table, _, fitted = fit.solve_all()
+    elements = tuple(int(z) for z in np.flatnonzero(np.isfinite(table)) if z > 0)
+    table = np.nan_to_num(table, nan=0.0)
     offsets = tuple((q, float(fitted.get(q, 0.0))) for q in charges)
-    elements = tuple(int(z) for z in np.flatnonzero(np.diag(xtx)[:NUM_ROWS] > 0) if z > 0)
     reference = ReferenceEnergies(table=table, charge_coef=0.0, per_atom_mean=0.0, per_atom_std=0.0,
                                   elements=elements, charge_offsets=offsets)
 
