@@ -140,3 +140,16 @@ def test_a_config_saved_before_new_options_keeps_its_behaviour(tmp_path: Path) -
     # unit-aware defaults: PhysNet's eV weights in the loss unit
     assert TrainConfig().loss_term_weights() == pytest.approx((332.0637, 0.2306055), rel=1e-5)
     assert TrainConfig(loss_unit="ev").loss_term_weights() == pytest.approx((14.399645, 0.01), rel=1e-6)
+
+
+def test_a_charge_only_in_the_validation_split_is_refused_before_training(tmp_path: Path) -> None:
+    from packedqdc.train.session import _check_valid_charges
+
+    ds = open_packed(_synthetic(tmp_path / "ions", {1: -300.0, 6: -23000.0}, {0: 0.0, 1: 200.0, 2: 650.0}, m=60))
+    q = np.asarray(ds.Qtot)
+    dication = np.flatnonzero(q == 2)
+    train = np.setdiff1d(np.arange(ds.n_molecules), dication)
+    ref = fit_reference_energies(ds, train)
+    _check_valid_charges(ds, np.flatnonzero(q == 1), ref)  # seen in training: fine
+    with pytest.raises(ConfigError, match=r"total charge\(s\) \+2 occur only in the validation split"):
+        _check_valid_charges(ds, dication, ref)

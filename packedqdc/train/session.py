@@ -28,7 +28,7 @@ from .config import TrainConfig
 from .data import LoaderStream, default_data_path, split
 from .loop import Trainer
 from .optim import make_optimizer
-from .reference import ReferenceEnergies, fit_reference_energies, with_initial_coulomb
+from .reference import ReferenceEnergies, fit_charges, fit_reference_energies, with_initial_coulomb
 from .runlock import LOCK_FILE, RunLock
 from .state import TrainState, create_state
 from .step import PROGRESS_KEY, loss_weights, make_eval_step, make_train_step
@@ -157,6 +157,17 @@ def _remove_unstarted(run_dir: Path, lock: RunLock | None) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
+def _check_valid_charges(ds: PackedDataset, valid_idx: np.ndarray, reference: ReferenceEnergies) -> None:
+    """ConfigError, before training, if a total charge occurs only in the validation split: the
+    reference energies have an offset only for the charges of the training split."""
+    selected = np.zeros(ds.n_molecules, dtype=bool)
+    selected[np.asarray(valid_idx, dtype=np.int64)] = True
+    missing = sorted(set(fit_charges(ds, selected)) - set(reference.charges))
+    if missing:
+        raise ConfigError(f"{ds.path}: total charge(s) {', '.join(f'{q:+d}' for q in missing)} occur only in the "
+                          "validation split; choose another --seed or a smaller --valid-fraction")
+
+
 def start_run(cfg: TrainConfig, placement: Placement | None = None) -> Trainer:
     """A new run in ``cfg.runs_dir / name``; TargetExistsError if that directory exists.
 
@@ -188,6 +199,7 @@ def _start(cfg: TrainConfig, run_dir: Path, placement: Placement, lock: RunLock 
     loaders = _loaders(cfg)
     ds, train_idx = loaders[0].dataset, loaders[0].indices
     reference = fit_reference_energies(ds, train_idx)
+    _check_valid_charges(ds, loaders[1].indices, reference)
     charged = ds.Qtot is not None and bool((np.asarray(ds.Qtot)[train_idx] != 0).any())
     electrostatics = charged if cfg.electrostatics is None else cfg.electrostatics
     cfg = cfg.replace(electrostatics=electrostatics)
