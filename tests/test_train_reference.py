@@ -137,9 +137,10 @@ def test_a_config_saved_before_new_options_keeps_its_behaviour(tmp_path: Path) -
     cfg = TrainConfig.from_dict(old)
     assert cfg.loss_unit == "kcal/mol" and cfg.warmup_steps == 0 and cfg.charge_embedding is False
     assert cfg.loss_term_weights() == (14.399645351950548, 0.01)
-    # unit-aware defaults: PhysNet's eV weights in the loss unit
-    assert TrainConfig().loss_term_weights() == pytest.approx((332.0637, 0.2306055), rel=1e-5)
-    assert TrainConfig(loss_unit="ev").loss_term_weights() == pytest.approx((14.399645, 0.01), rel=1e-6)
+    # unit-aware defaults: one physical weight (kcal/mol per e, kcal/mol) in either loss unit
+    assert TrainConfig().loss_term_weights() == pytest.approx((14.399645, 0.01), rel=1e-6)
+    assert TrainConfig(loss_unit="ev").loss_term_weights() == pytest.approx((14.399645 / 23.0605478, 0.01 / 23.0605478),
+                                                                            rel=1e-6)
 
 
 def test_a_charge_only_in_the_validation_split_is_refused_before_training(tmp_path: Path) -> None:

@@ -31,6 +31,10 @@ LOSS_UNITS = ("ev", "kcal/mol")
 LEGACY_VALUES: dict[str, Any] = {"loss_unit": "kcal/mol", "warmup_steps": 0, "charge_embedding": False}
 #: PhysNet's non-hierarchicality weight (config.txt), in eV.
 PHYSNET_NH_WEIGHT = 0.01
+#: Default charge and nh weights, kcal/mol per e and kcal/mol: PhysNet's numbers read in kcal/mol,
+#: i.e. 23x weaker than PhysNet's eV values; measured better in short runs (docs/training.md).
+DEFAULT_CHARGE_WEIGHT_KCAL = PHYSNET_CHARGE_WEIGHT
+DEFAULT_NH_WEIGHT_KCAL = 0.01
 #: A run name is one plain directory name, so that a run stays inside its runs directory.
 RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+=@-]*")
 
@@ -107,11 +111,11 @@ class TrainConfig:
     energy_weight: float = option(1.0, "Loss", "Weight of the energy term.")
     forces_weight: float = option(PHYSNET_FORCES_WEIGHT, "Loss", "Weight of the forces term (PhysNet's).")
     charge_weight: float | None = option(
-        None, "Loss", "Weight of the total-charge term, energy per e in the loss unit [default: PhysNet's k_e: "
-        "332.06 kcal/mol per e, or 14.40 with --loss-unit ev].")
+        None, "Loss", "Weight of the total-charge term, energy per e in the loss unit [default: 14.40 kcal/mol "
+        "per e (0.624 with --loss-unit ev); PhysNet's k_e is 332.06 kcal/mol per e, see docs/training.md].")
     nh_weight: float | None = option(
-        None, "Loss", "Weight of the non-hierarchicality penalty, energy in the loss unit [default: PhysNet's "
-        "0.01 eV: 0.2306 kcal/mol, or 0.01 with --loss-unit ev].")
+        None, "Loss", "Weight of the non-hierarchicality penalty, energy in the loss unit [default: 0.01 "
+        "kcal/mol (4.3e-4 with --loss-unit ev); PhysNet's is 0.01 eV = 0.2306 kcal/mol].")
     loss_unit: str = option(
         "kcal/mol", "Loss", "Energy unit of the loss: errors are converted to it before weighting (ev: PhysNet's "
         "own units, whose AMSGrad ε is then 23x larger relative to the gradients).", choices=LOSS_UNITS)
@@ -167,10 +171,11 @@ class TrainConfig:
             check_run_name(self.name)
 
     def loss_term_weights(self) -> tuple[float, float]:
-        """(charge weight, nh weight) in the loss unit: the given ones, or PhysNet's converted."""
-        per_ev = 1.0 if self.loss_unit == "ev" else EV_TO_KCAL_MOL
-        charge = PHYSNET_CHARGE_WEIGHT * per_ev if self.charge_weight is None else self.charge_weight
-        nh = PHYSNET_NH_WEIGHT * per_ev if self.nh_weight is None else self.nh_weight
+        """(charge weight, nh weight) in the loss unit: the given ones, or the defaults (kcal/mol per
+        e and kcal/mol) converted to it, so a default means the same in either unit."""
+        per_kcal = 1.0 if self.loss_unit == "kcal/mol" else 1.0 / EV_TO_KCAL_MOL
+        charge = DEFAULT_CHARGE_WEIGHT_KCAL * per_kcal if self.charge_weight is None else self.charge_weight
+        nh = DEFAULT_NH_WEIGHT_KCAL * per_kcal if self.nh_weight is None else self.nh_weight
         return charge, nh
 
     def replace(self, **changes: Any) -> TrainConfig:
