@@ -22,16 +22,16 @@ def stats(
     num_atoms: int = typer.Option(60, "--num-atoms", help="Atom slots per molecule in the padded layout."),
     as_json: bool = typer.Option(False, "--json", help="Print the statistics as JSON (for scripts)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write the histogram and efficiency curves to a PNG."),
+    force: bool = typer.Option(False, "--force", help="Replace the --plot file if it exists."),
 ) -> None:
     """Sizes, elements, energy and force ranges, and padding efficiency of padded vs packed batches."""
     if min(bucket_size, batch_size, num_atoms) < 1:
         raise ConfigError("--bucket-size, --batch-size and --num-atoms must be >= 1")
     if plot is not None:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise ConfigError("--plot needs matplotlib: pip install 'packedqdc[plot]'") from None
+        from ..train.plots import check_plot_target
+
         check_output_file(plot, "--plot")
+        check_plot_target(plot, force, hint="pass --force to replace it")
     result = dataset_stats(directory, batch_size=batch_size, num_atoms=num_atoms, bucket_size=bucket_size)
     if plot is not None:
         plot_stats(result, plot)

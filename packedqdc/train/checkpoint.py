@@ -11,6 +11,7 @@ the next writer of the run removes such a crash's temporary directory.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,17 @@ from ..errors import TrainingError
 from .state import TrainState
 
 KINDS = ("latest", "best")
+
+
+class _QuietReadOnly(logging.Filter):
+    """Drops orbax's notice that a manager opened read-only: evaluate and predict open checkpoints
+    read-only on purpose, and the line on stderr would read like a problem."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Given directory is read only")
+
+
+logging.getLogger("absl").addFilter(_QuietReadOnly())
 
 
 class RunCheckpoints:
