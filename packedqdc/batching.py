@@ -14,7 +14,7 @@ Two layouts share one batch contract (``docs/architecture.md``):
   packed batch are always padding, so padding atoms and pairs have a valid place to point.
 
 Assembly is one call of a compiled kernel (:mod:`packedqdc.kernels`) per item, in the calling
-thread or cut into runs over numba's thread pool (``threads``): atoms are copied as contiguous
+thread or cut into runs filled side by side on a small pool of threads (``threads``): atoms are copied as contiguous
 slices of the memmaps, pair lists are written in place, and only the padding that the previous
 content of a reused buffer dirtied is rewritten.
 """
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -481,8 +482,8 @@ class Assembler:
         hold: see ``reuse``.
         pair_counts: packed layout with a cutoff: (N,) int64 pairs within it of every dataset
             molecule (``cutoff_pair_counts``); None otherwise.
-        threads: threads of numba's pool that fill a call's items side by side (1: the calling
-            thread alone); see ``kernels.kernel_threads``.
+        threads: threads that fill a call's items side by side (1: the calling thread alone; at
+            most the cores of this process, ``kernels.kernel_threads``).
 
     Attributes:
         chunk: items per call (``assemble`` takes at most this many).
@@ -510,11 +511,11 @@ class Assembler:
         )  # fmt: skip
         if self._padded:
             self._inputs = (*sources, spec.num_atoms)
-            self._kernel = fill_padded if self.threads == 1 else fill_padded_threaded
+            self._kernels = (fill_padded, fill_padded_threaded)
         else:
             self._inputs = (*sources, np.asarray(counts, dtype=np.int64))
-            self._kernel = fill_packed if self.threads == 1 else fill_packed_threaded
-        self._extra = () if self._padded or self.threads == 1 else (self.threads,)
+            self._kernels = (fill_packed, fill_packed_threaded)
+        self._choice = ThreadChoice() if self.threads > 1 else None
         self.consts = padded_constants(spec.num_atoms, shapes[0].M) if self._padded else {}
         self._shapes = np.array(shapes, dtype=np.int64).reshape(-1, 3)
         self._hold = hold
@@ -568,11 +569,62 @@ class Assembler:
             ring = _Ring((self.shapes[c],), self.group, 1, self._padded, self.consts, False)
             shapes, cls, row = self._shapes[c : c + 1], self._one, self._one
         lo, hi = np.ascontiguousarray(lo, dtype=np.int64), np.ascontiguousarray(hi, dtype=np.int64)
+        threaded = self._choice is not None and self._choice.threaded()
+        kernel, extra = (self._kernels[1], (self.threads,)) if threaded else (self._kernels[0], ())
+        start = time.perf_counter()
         if self._padded:
-            self._kernel(mols, lo, hi, row, *self._inputs, *ring.outputs)
+            kernel(mols, lo, hi, row, *self._inputs, *ring.outputs, *extra)
         else:
-            self._kernel(mols, lo, hi, cls, row, shapes, *self._inputs, *ring.outputs, *self._extra)
+            kernel(mols, lo, hi, cls, row, shapes, *self._inputs, *ring.outputs, *extra)
+        if self._choice is not None:
+            self._choice.record(threaded, (time.perf_counter() - start) / max(int(hi[-1, -1] - lo[0, 0]), 1))
         return [dict(ring.views(r, c)) for r, c in zip(row.tolist(), cls.tolist())]
+
+
+class ThreadChoice:
+    """Whether the next kernel call uses its helper threads: whichever of one thread and several
+    was faster per molecule lately, the other one tried now and then.
+
+    Helper threads only pay when they get a core of their own; on a machine whose cores are busy
+    with other work they make a call slower (here 0.6-0.75x under full load from other
+    processes, and a call whose helper was preempted waits for it: a whole time slice). Timing
+    both keeps ``threads > 1`` from ever being much slower than one thread: the first
+    ``2 * WARMUP`` calls alternate, then the better is used and the other is timed once every
+    ``period`` calls; the period doubles (up to ``MAX_PROBE``) each time the threads lose, and is
+    back to ``PROBE`` when they win. A mode's cost is the median of its last ``WINDOW`` timings
+    (robust to a call preempted by another process).
+    """
+
+    WARMUP = 8
+    PROBE = 32
+    MAX_PROBE = 4096
+    WINDOW = 9
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.period = self.PROBE
+        self.next_probe = 2 * self.WARMUP + self.PROBE
+        self.recent: tuple[collections.deque, collections.deque] = (
+            collections.deque(maxlen=self.WINDOW), collections.deque(maxlen=self.WINDOW))  # fmt: skip
+
+    def threaded(self) -> bool:
+        self.calls += 1
+        if self.calls <= 2 * self.WARMUP:
+            return bool(self.calls % 2)
+        better = self.cost(True) < self.cost(False)
+        if self.calls < self.next_probe:
+            return better
+        self.period = self.PROBE if better else min(2 * self.period, self.MAX_PROBE)
+        self.next_probe = self.calls + self.period
+        return not better
+
+    def cost(self, threaded: bool) -> float:
+        """Median seconds per molecule of the recent calls in one mode."""
+        values = sorted(self.recent[int(threaded)])
+        return values[len(values) // 2] if values else 0.0
+
+    def record(self, threaded: bool, seconds_per_molecule: float) -> None:
+        self.recent[int(threaded)].append(seconds_per_molecule)
 
 
 @functools.lru_cache(maxsize=8)

@@ -55,10 +55,9 @@ class PackedMemmapLoader:
         prefetch: batches assembled ahead in background threads; 0 assembles in the caller.
         workers: threads assembling batches when ``prefetch`` > 0 (the kernels release the GIL);
             worker ``w`` builds batches ``w, w + workers, ...`` and the order is unchanged.
-        threads: threads of numba's pool that fill a kernel call's batches together, in runs of
-            equal work (a call fills ``4 * threads`` batches when buffers are reused); 1: the
-            assembling thread alone. Needs numba's ``omp`` or ``tbb`` threading layer (else one
-            thread, with a warning).
+        threads: threads that fill a kernel call's batches together, in runs of equal work (a
+            call fills ``4 * threads`` batches when buffers are reused); 1: the assembling thread
+            alone. The threads are packedqdc's own (no numba threading layer is used).
         process_index, process_count: this process's shard (see ``shard``).
 
     Attributes:
@@ -375,7 +374,7 @@ class PackedMemmapLoader:
                 previous content dirtied is rewritten, and several batches are filled per call.
             workers: assembly threads when ``prefetch`` > 0 (default: the loader's); each has its
                 own buffers, and batches still come in order.
-            threads: threads of numba's pool that fill batches together (default: the loader's).
+            threads: threads that fill batches together (default: the loader's).
 
         Raises:
             ConfigError: at the call, before any batch, e.g. a molecule larger than ``num_atoms``.
