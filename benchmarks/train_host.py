@@ -8,10 +8,16 @@ split, loaders, ``LoaderStream``, placement, jitted step) on synthetic QM9-sized
 training loop of ``packedqdc.train.loop.fit`` is mirrored step by step. Printed per step:
 
 - ``wall``: wall time of a step in the steady state (compiled, after a warm-up epoch);
-- ``host``: time the training thread spends outside the step's device work: drawing the next
+- ``host``: CPU time of the training thread per step (``time.thread_time``): drawing the next
   batch from the stream (assembly and ``prepare_global`` when they run in this thread), placing it
-  (``trainer.put``) and dispatching the step. With a tiny model on CPU, this is where the loader
-  and Python overheads show.
+  (``trainer.put``), dispatching the step and reading the previous step's sums. Waiting (for the
+  prefetch thread or the step) costs no CPU time and is not counted. With a tiny model on CPU,
+  this is where the loader and Python overheads show.
+- ``data path alone``: the same CPU time per batch for drawing and placing batches with no step.
+
+To compare with another version of packedqdc side by side, alternate runs, e.g.
+``PYTHONPATH=/tmp/old python benchmarks/train_host.py --rounds 1`` and the same without
+``PYTHONPATH``, a few times (the machine may be shared: alternate, do not run one after the other).
 """
 
 from __future__ import annotations
@@ -31,21 +37,18 @@ from train import qm9_like  # benchmarks/train.py
 
 
 def measure(trainer, steps: int) -> tuple[float, float]:
-    """(wall s/step, host s/step) over ``steps`` steady-state steps."""
-    host = 0.0
+    """(wall s/step, training-thread CPU s/step) over ``steps`` steady-state steps."""
     done = 0
     pending = None
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.thread_time()
     while done < steps:
         it = iter(trainer.train_data.epoch())
         while done < steps:
-            t0 = time.perf_counter()
             try:
                 global_batch, mol_idx = next(it)
             except StopIteration:
                 break
             new_state, sums = trainer.train_step(trainer.state, trainer.put(global_batch))
-            host += time.perf_counter() - t0
             if pending is not None:
                 jax.device_get(pending)  # the loop reads the previous step's sums while this one runs
             pending = sums
@@ -53,7 +56,19 @@ def measure(trainer, steps: int) -> tuple[float, float]:
             done += 1
         it.close()
     jax.block_until_ready(trainer.state)
-    return (time.perf_counter() - t_start) / steps, host / steps
+    return (time.perf_counter() - t_start) / steps, (time.thread_time() - cpu_start) / steps
+
+
+def measure_stream(trainer, steps: int) -> float:
+    """Training-thread CPU s/step of the data path alone: next batch from the stream, placed."""
+    done, cpu_start = 0, time.thread_time()
+    while done < steps:
+        for global_batch, _ in trainer.train_data.epoch():
+            jax.block_until_ready(trainer.put(global_batch))
+            done += 1
+            if done == steps:
+                break
+    return (time.thread_time() - cpu_start) / steps
 
 
 def main() -> None:
@@ -74,12 +89,16 @@ def main() -> None:
                           batch_size=args.batch_size, num_epochs=1, **extra)
         trainer = start_run(cfg)
         measure(trainer, args.steps)  # compiles every shape class, fills the buffers
+        import packedqdc
+
+        print(f"packedqdc from {Path(packedqdc.__file__).parent}")
         print(f"{args.molecules} QM9-sized molecules, batch {args.batch_size}, features {args.features}, "
               f"{args.num_iterations} module(s), device {jax.devices()[0].platform}, {extra or 'defaults'}")
         for r in range(args.rounds):
             wall, host = measure(trainer, args.steps)
+            data = measure_stream(trainer, args.steps)
             print(f"round {r}: wall {wall * 1e6:7.0f} us/step, host {host * 1e6:7.0f} us/step "
-                  f"({args.steps} steps)")
+                  f"({args.steps} steps); data path alone {data * 1e6:6.0f} us/step of training-thread CPU")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import sys
 import time
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -397,6 +398,8 @@ _PACKED_OUTPUTS = (
 )  # fmt: skip
 
 ITEMS_PER_CALL = 4  # items a kernel call fills per thread when buffers are reused
+RECYCLE_SCAN = 4  # rings checked for reuse per item of batches(reuse_buffers=False)
+RECYCLE_TRACK = 64  # rings of handed-out items tracked for reuse at most
 
 
 class _Ring:
@@ -441,21 +444,46 @@ class _Ring:
     def views(self, row: int, c: int) -> dict[str, np.ndarray]:
         """The batch dict of ``row`` holding class ``c`` (read-only views when reused; built once)."""
         if (row, c) not in self._views:
-            if len(self.shapes) == 1:  # rows are exactly as wide as the class
-                own = {key: array[row] for key, array in self.arrays.items()}
-            else:
-                A, M, P = (self.group * x for x in self.shapes[c])
-                size = {"Z": A, "R": 3 * A, "F": 3 * A, "atom_mask": A, "batch_segments": A, "dst_idx": P,
-                        "src_idx": P, "pair_mask": P}  # fmt: skip
-                own = {key: array[row, : size.get(key, M)] for key, array in self.arrays.items()}
-            views = {**own, **self.consts, "R": own["R"].reshape(-1, 3), "F": own["F"].reshape(-1, 3)}
-            if self.group > 1:
-                views = {key: _stack_view(value, self.group) for key, value in views.items()}
-            if self.reused:
-                for key in own:
-                    views[key].setflags(write=False)
-            self._views[(row, c)] = {key: views[key] for key in BATCH_KEYS}
+            self._views[(row, c)] = self.new_views(row, c)
         return self._views[(row, c)]
+
+    def new_views(self, row: int, c: int) -> dict[str, np.ndarray]:
+        """New view objects of ``row`` holding class ``c`` (read-only when the sets are reused)."""
+        if len(self.shapes) == 1:  # rows are exactly as wide as the class
+            own = {key: array[row] for key, array in self.arrays.items()}
+        else:
+            A, M, P = (self.group * x for x in self.shapes[c])
+            size = {"Z": A, "R": 3 * A, "F": 3 * A, "atom_mask": A, "batch_segments": A, "dst_idx": P,
+                    "src_idx": P, "pair_mask": P}  # fmt: skip
+            own = {key: array[row, : size.get(key, M)] for key, array in self.arrays.items()}
+        views = {**own, **self.consts, "R": own["R"].reshape(-1, 3), "F": own["F"].reshape(-1, 3)}
+        if self.group > 1:
+            views = {key: _stack_view(value, self.group) for key, value in views.items()}
+        if self.reused:
+            for key in own:
+                views[key].setflags(write=False)
+        return {key: views[key] for key in BATCH_KEYS}
+
+    def unreferenced(self) -> bool:
+        """No array of this ring is referenced outside it: no batch (or view of one) is alive."""
+        return self._counts() == self._baseline
+
+    def track_references(self) -> None:
+        """Take the present reference counts of the arrays as the baseline of ``unreferenced``."""
+        self._owners = list(self.arrays.values())
+        self._baseline = self._counts()
+
+    def _counts(self) -> list[int]:
+        return [sys.getrefcount(array) for array in self._owners]  # the same frame for both uses
+
+    def mark_dirty(self, num_atoms: int) -> None:
+        """Forget what the rows hold: their next fill rewrites all padding (a caller may have written
+        into the arrays of a batch handed out writable)."""
+        if hasattr(self, "marks"):
+            self.marks.fill(-1)
+            self.owner.fill(-1)
+        else:
+            self.arrays["N"].fill(num_atoms)
 
 
 def _stack_view(array: np.ndarray, group: int) -> np.ndarray:
@@ -477,8 +505,9 @@ class Assembler:
         reuse: True fills items into rows of reused buffers (a pool of at most ``hold + chunk``
             rows, shared by the classes when they differ in pair budget only, else one per class;
             the row given back last is taken first), so that an item handed out stays intact while
-            ``hold`` more are handed out and the next ``chunk`` are filled; False gives every item
-            fresh arrays (one item per call).
+            ``hold`` more are handed out and the next ``chunk`` are filled; the views are
+            read-only. False hands every item out in writable arrays of its own (one item per
+            call), recycled once nothing references them any more (``_recycled_ring``).
         hold: see ``reuse``.
         pair_counts: packed layout with a cutoff: (N,) int64 pairs within it of every dataset
             molecule (``cutoff_pair_counts``); None otherwise.
@@ -526,7 +555,9 @@ class Assembler:
         pools = 1 if self._shared else len(shapes)
         if reuse:
             self._ring = _Ring(shapes, group, pools * self._slots, self._padded, self.consts, True)
-        self._one = np.zeros(1, np.int64)  # class 0, row 0: a fresh item's own one-class ring
+        self._one = np.zeros(1, np.int64)  # row 0 of a one-row ring
+        self._out: collections.deque[_Ring] = collections.deque()  # one-row rings handed out (reuse=False)
+        self._num_atoms = spec.num_atoms
         self._free: list[list[int]] = [[] for _ in range(pools)]  # per pool, rows last given back first
         self._unused = [0] * pools  # per pool, rows never used so far
         self._held: collections.deque[tuple[int, int]] = collections.deque()  # (pool, row) handed out, in order
@@ -564,10 +595,9 @@ class Assembler:
             ring, shapes = self._ring, self._shapes
             cls = np.asarray(shape_ids, dtype=np.int64)
             row = self._take_rows(cls.tolist())
-        else:  # fresh arrays of the (single) item's class
-            c = int(shape_ids[0])
-            ring = _Ring((self.shapes[c],), self.group, 1, self._padded, self.consts, False)
-            shapes, cls, row = self._shapes[c : c + 1], self._one, self._one
+        else:  # a one-row ring of its own, recycled once the caller dropped every batch of it
+            ring = self._recycled_ring()
+            shapes, cls, row = self._shapes, np.asarray(shape_ids[:1], dtype=np.int64), self._one
         lo, hi = np.ascontiguousarray(lo, dtype=np.int64), np.ascontiguousarray(hi, dtype=np.int64)
         threaded = self._choice is not None and self._choice.threaded()
         kernel, extra = (self._kernels[1], (self.threads,)) if threaded else (self._kernels[0], ())
@@ -578,7 +608,31 @@ class Assembler:
             kernel(mols, lo, hi, cls, row, shapes, *self._inputs, *ring.outputs, *extra)
         if self._choice is not None:
             self._choice.record(threaded, (time.perf_counter() - start) / max(int(hi[-1, -1] - lo[0, 0]), 1))
+        if not self.reuse:
+            self._out.append(ring)
+            return [ring.new_views(0, int(cls[0]))]
         return [dict(ring.views(r, c)) for r, c in zip(row.tolist(), cls.tolist())]
+
+    def _recycled_ring(self) -> _Ring:
+        """A one-row ring (all classes) for an item that the caller owns (``reuse=False``).
+
+        The oldest rings handed out are checked first: a ring none of whose arrays is referenced
+        outside it (no batch, no view of one, no device array aliasing it) is taken again, with
+        its padding marked dirty; else a new ring. Writing into warm memory instead of fresh
+        memory saves a page fault per 4 KiB. At most ``RECYCLE_SCAN`` rings are checked per item,
+        and at most ``RECYCLE_TRACK`` are tracked (a caller that keeps every batch keeps them).
+        """
+        for _ in range(min(RECYCLE_SCAN, len(self._out))):
+            ring = self._out.popleft()
+            if ring.unreferenced():
+                ring.mark_dirty(self._num_atoms)
+                return ring
+            self._out.append(ring)  # still held: look again later
+        while len(self._out) >= RECYCLE_TRACK:
+            self._out.popleft()
+        ring = _Ring(self.shapes, self.group, 1, self._padded, self.consts, False)
+        ring.track_references()
+        return ring
 
 
 class ThreadChoice:

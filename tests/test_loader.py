@@ -353,3 +353,41 @@ def test_damaged_directory(data, tmp_path):
         PackedMemmapLoader(bad, 8)
     with pytest.raises(FormatError):
         PackedMemmapLoader(tmp_path / "missing", 8)
+
+
+@pytest.mark.parametrize("kw", [dict(layout="packed"), dict(num_atoms=14), dict(layout="packed", cutoff=2.0)])
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_default_batches_are_recycled_only_when_dropped(data, kw, prefetch):
+    """The default ``batches()`` hands out writable arrays that no later batch overwrites while
+    anything references them (the batch, one array of it, or a view of one), and reuses their
+    memory once nothing does: batches kept, batches dropped, and batches scribbled on before being
+    dropped all equal fresh copies of a one-thread reuse run."""
+    reference = PackedMemmapLoader(data, 8, seed=1, prefetch=0)
+    want = [[_copy(b) for b in reference.batches(reuse_buffers=True, **kw)] for _ in range(2)]
+    loader = PackedMemmapLoader(data, 8, seed=1, prefetch=prefetch)
+    kept, views = [], []
+    for epoch in range(2):
+        for t, b in enumerate(loader.batches(**kw)):
+            assert b["R"].flags.writeable
+            for key, value in want[epoch][t].items():
+                np.testing.assert_array_equal(b[key], value)
+            if t % 5 == 0:
+                kept.append((epoch, t, b))
+            elif t % 5 == 1:
+                views.append((epoch, t, b["R"][1:]))  # only a view of one array survives
+            else:
+                b["R"][:] = 1e9  # the caller may write into its own batch; later batches are refilled
+                b["pair_mask"][:] = True
+                b["N"][:] = 99
+                if b["dst_idx"].flags.writeable:  # the padded layout's pair lists are shared constants
+                    b["dst_idx"][:] = 0
+    for epoch, t, b in kept:
+        for key, value in want[epoch][t].items():
+            np.testing.assert_array_equal(b[key], value)
+    for epoch, t, view in views:
+        np.testing.assert_array_equal(view, want[epoch][t]["R"][1:])
+    # memory was recycled: far fewer buffer sets than batches
+    assembler = next(a for pool in loader._assemblers.values() for a in pool)
+    rings = {id(r) for r in assembler._out}
+    n_batches = sum(len(e) for e in want)
+    assert len(kept) + len(views) + len(rings) < n_batches

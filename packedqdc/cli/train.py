@@ -42,6 +42,7 @@ def train(
     num_atoms: int = _opt(_default("num_atoms"), "num-atoms", "Padded layout: atom slots per molecule (largest molecule allowed)."),
     bucket_size: int = _opt(_default("bucket_size"), "bucket-size", "Padded layout: molecules sorted by size within buckets of this many."),
     layout: str = _opt(_default("layout"), "layout", "Batch layout: packed or padded."),
+    loader_threads: int = _opt(_default("loader_threads"), "loader-threads", "Threads that assemble each batch (packedqdc's own; used only while faster than one)."),
     valid_fraction: float = _opt(_default("valid_fraction"), "valid-fraction", "Fraction of molecules held out for validation."),
     seed: int = _opt(_default("seed"), "seed", "Seed of the split, the epoch order and the initial weights."),
     features: int = _opt(_default("features"), "features", "PhysNet feature width."),
@@ -96,7 +97,7 @@ def train(
             energy_weight=energy_weight, forces_weight=forces_weight, charge_weight=charge_weight,
             nh_weight=nh_weight, lr_schedule=lr_schedule, decay_rate=decay_rate, decay_steps=decay_steps,
             plateau_patience=plateau_patience, plateau_factor=plateau_factor, clip_norm=clip_norm,
-            ema_decay=ema_decay, max_time=max_time,
+            ema_decay=ema_decay, max_time=max_time, loader_threads=loader_threads,
         )
         trainer = start_run(cfg, placement)
         ref = trainer.reference

@@ -31,7 +31,8 @@ class TrainConfig:
     Data: ``data_path`` (packed directory; None means the bundled sample, packed into a cache),
     ``valid_fraction`` of molecules held out (seeded shuffle), ``layout`` of the batches,
     ``batch_size`` molecules per batch, ``num_atoms`` (largest molecule allowed; the padded layout
-    pads every molecule to it), ``bucket_size`` (loader shuffle buckets).
+    pads every molecule to it), ``bucket_size`` (loader shuffle buckets), ``loader_threads``
+    (threads that assemble a batch; they do not change the batches).
 
     Model (PhysNet): ``features``, ``num_iterations`` (modules), ``num_basis`` (radial functions),
     ``cutoff`` (Å), ``electrostatics`` (None: on iff the training data has charged molecules).
@@ -80,6 +81,7 @@ class TrainConfig:
     clip_norm: float = 1000.0
     ema_decay: float = 0.999
     max_time: float | None = None
+    loader_threads: int = 2
 
     def __post_init__(self) -> None:
         checks = [
@@ -98,6 +100,7 @@ class TrainConfig:
             (self.decay_steps >= 1, f"decay_steps must be >= 1, got {self.decay_steps}"),
             (0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {self.ema_decay}"),
             (self.max_time is None or self.max_time > 0, f"max_time must be > 0, got {self.max_time}"),
+            (self.loader_threads >= 1, f"loader_threads must be >= 1, got {self.loader_threads}"),
         ]
         for ok, message in checks:
             if not ok:

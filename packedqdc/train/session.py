@@ -62,13 +62,16 @@ def _loaders(cfg: TrainConfig) -> tuple[PackedMemmapLoader, PackedMemmapLoader]:
     sees the molecules of the one-device run in every step, and follows its trajectory up to float
     rounding.
     """
-    loaders = split(cfg.data_path, cfg.batch_size, cfg.bucket_size, cfg.seed, cfg.valid_fraction)
+    loaders = split(cfg.data_path, cfg.batch_size, cfg.bucket_size, cfg.seed, cfg.valid_fraction,
+                    threads=cfg.loader_threads)
     return tuple(loader.shard(jax.process_index(), jax.process_count()) for loader in loaders)
 
 
 def _streams(cfg: TrainConfig, loaders: tuple[PackedMemmapLoader, PackedMemmapLoader],
-             reference: ReferenceEnergies, devices: int) -> tuple[LoaderStream, LoaderStream]:
-    return tuple(LoaderStream(loader, reference, layout=cfg.layout, num_atoms=cfg.num_atoms, devices=devices)
+             reference: ReferenceEnergies, placement: Placement) -> tuple[LoaderStream, LoaderStream]:
+    """Streams that prepare and place each batch in the loader's prefetch thread, ahead of its step."""
+    return tuple(LoaderStream(loader, reference, layout=cfg.layout, num_atoms=cfg.num_atoms,
+                              devices=placement.num_local_devices, put=placement.put_batch)
                  for loader in loaders)
 
 
@@ -80,8 +83,13 @@ def _assemble(cfg: TrainConfig, run_dir: Path, model: PhysNet, reference: Refere
                    state=placement.replicate(state), train_data=streams[0], valid_data=streams[1],
                    train_step=placement.jit(make_train_step(model, cfg, weights)),
                    eval_step=placement.jit(make_eval_step(model, weights)), checkpoints=RunCheckpoints(run_dir),
-                   has_forces=has_forces, put=placement.put_batch, place_state=placement.replicate,
+                   has_forces=has_forces, put=_placed, place_state=placement.replicate,
                    extra_meta=dict(placement.layout))
+
+
+def _placed(global_batch: Any) -> Any:
+    """The streams place batches on the devices in their prefetch thread: nothing left to do."""
+    return global_batch
 
 
 def initial_state(cfg: TrainConfig, model: PhysNet, stream: LoaderStream) -> TrainState:
@@ -120,7 +128,7 @@ def start_run(cfg: TrainConfig, placement: Placement | None = None) -> Trainer:
     electrostatics = charged if cfg.electrostatics is None else cfg.electrostatics
     cfg = cfg.replace(electrostatics=electrostatics)
     model = model_for(cfg, reference, electrostatics)
-    streams = _streams(cfg, loaders, reference, placement.num_local_devices)
+    streams = _streams(cfg, loaders, reference, placement)
     state = initial_state(cfg, model, streams[0])
     if is_main_process():
         run_dir.mkdir(parents=True)
@@ -144,7 +152,7 @@ def resume_run(run_dir: str | Path, *, num_epochs: int | None = None, max_time: 
     cfg = cfg.replace(num_epochs=cfg.num_epochs if num_epochs is None else num_epochs, max_time=max_time)
     reference = ReferenceEnergies.from_dict(meta["reference"])
     model = build_model(meta["model"])
-    streams = _streams(cfg, _loaders(cfg), reference, placement.num_local_devices)
+    streams = _streams(cfg, _loaders(cfg), reference, placement)
     template = placement.replicate(initial_state(cfg, model, streams[0]))
     state, meta = checkpoints.restore("latest", template)
     streams[0].restore(meta["loader"])
