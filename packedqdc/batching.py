@@ -75,10 +75,31 @@ class EpochPlan:
     bounds: np.ndarray
     shape_ids: np.ndarray
     shapes: tuple[BatchShape, ...]
+    reads: WindowReads | None = None  # block order: what each window reads, for read-ahead
 
     @property
     def n_batches(self) -> int:
         return int(self.bounds.shape[0] - 1)
+
+
+@dataclass(frozen=True)
+class WindowReads:
+    """The file spans of block order's windows, so that a window can be read ahead of its batches.
+
+    Attributes:
+        first_batch: (W,) int64 the first batch of the plan holding a molecule of window ``w``.
+        span_ptr: (W + 1,) int64; window ``w``'s spans are ``spans[span_ptr[w]:span_ptr[w + 1]]``.
+        spans: (S, 4) int64 first atom, end atom, first molecule, end molecule (dataset indices)
+            of each block of each window.
+    """
+
+    first_batch: np.ndarray
+    span_ptr: np.ndarray
+    spans: np.ndarray
+
+    def window_of(self, batch: int) -> int:
+        """The last window whose first batch is at or before ``batch``."""
+        return int(np.searchsorted(self.first_batch, batch, side="right")) - 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,6 +203,75 @@ def padded_plan(
     shape = BatchShape(batch_size * num_atoms, batch_size, batch_size * num_atoms * (num_atoms - 1))
     bounds = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     return EpochPlan(mols, bounds, np.zeros(n_b, dtype=np.int32), (shape,))
+
+
+def block_bounds(indices: np.ndarray, n_atoms: np.ndarray, block_atoms: int) -> np.ndarray:
+    """(n_blocks + 1,) int64 bounds cutting ``indices`` into runs of about ``block_atoms`` atoms.
+
+    Blocks are consecutive entries of ``indices`` (sorted indices: contiguous bytes of the files);
+    each holds at least one molecule.
+    """
+    L = indices.shape[0]
+    if L == 0:
+        return np.zeros(1, dtype=np.int64)
+    cum = np.cumsum(n_atoms[indices], dtype=np.int64)
+    targets = np.arange(max(int(block_atoms), 1), int(cum[-1]), max(int(block_atoms), 1), dtype=np.int64)
+    cuts = np.searchsorted(cum, targets, side="left") + 1
+    return np.unique(np.concatenate([[0], cuts, [L]]).astype(np.int64))
+
+
+def block_order(
+    indices: np.ndarray, offsets: np.ndarray, bounds: np.ndarray, window: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One epoch of block order: the blocks in a random order, mixed ``window`` blocks at a time.
+
+    The blocks (``bounds`` into ``indices``) are permuted; each run of ``window`` consecutive blocks
+    of that permutation (a window: the shuffle buffer) is read as a whole and its molecules are
+    shuffled together. Every molecule of ``indices`` appears exactly once.
+
+    Returns:
+        order: (L,) int64 positions into ``indices``, in epoch order.
+        window_start: (W,) int64 position in ``order`` where each window begins.
+        span_ptr, spans: as ``WindowReads`` (the file spans of each window's blocks).
+    """
+    n_blocks = bounds.shape[0] - 1
+    sizes = np.diff(bounds)
+    perm = rng.permutation(n_blocks)
+    order = np.empty(indices.shape[0], dtype=np.int64)
+    starts, at = [], 0
+    for w in range(0, n_blocks, window):
+        blocks = perm[w : w + window]
+        pos = ranges(bounds[blocks], sizes[blocks])
+        rng.shuffle(pos)
+        starts.append(at)
+        order[at : at + pos.shape[0]] = pos
+        at += pos.shape[0]
+    first = indices[bounds[perm]]
+    last = indices[bounds[perm + 1] - 1]
+    lo, hi = np.minimum(first, last), np.maximum(first, last) + 1  # sorted indices: the block's span
+    spans = np.stack([offsets[lo], offsets[hi], lo, hi], axis=1).astype(np.int64)
+    span_ptr = np.minimum(np.arange(0, n_blocks + window, window, dtype=np.int64), n_blocks)[: len(starts) + 1]
+    return order, np.asarray(starts, dtype=np.int64), span_ptr, spans
+
+
+def block_plan(
+    indices: np.ndarray, n_atoms: np.ndarray, offsets: np.ndarray, pairs: np.ndarray | None,
+    budgets: list[BatchShape] | None, batch_size: int, num_atoms: int, block_atoms: int, window: int,
+    rng: np.random.Generator,
+) -> EpochPlan:  # fmt: skip
+    """Block order, packed (``budgets``, with ``pairs`` of each molecule of ``indices``) or padded
+    (``batch_size`` slots of ``num_atoms``): the epoch's sequence of ``block_order``, cut into
+    batches of the same static shapes as the molecule order."""
+    bounds = block_bounds(indices, n_atoms, block_atoms)
+    order, window_start, span_ptr, spans = block_order(indices, offsets, bounds, window, rng)
+    mols = indices[order]
+    if budgets is not None:
+        plan = packed_plan(mols, n_atoms, np.asarray(pairs)[order], budgets, None)
+    else:
+        plan = padded_plan(mols, n_atoms, batch_size, num_atoms, 1, None)
+    first_batch = np.searchsorted(plan.bounds, window_start, side="right") - 1
+    reads = WindowReads(first_batch.astype(np.int64), span_ptr, spans)
+    return EpochPlan(plan.mols, plan.bounds, plan.shape_ids, plan.shapes, reads)
 
 
 def greedy_fill(atoms: np.ndarray, pairs: np.ndarray, a_cap: int, p_cap: int, m_cap: int) -> np.ndarray:

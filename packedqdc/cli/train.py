@@ -42,6 +42,7 @@ def train(
     num_atoms: int = _opt(_default("num_atoms"), "num-atoms", "Padded layout: atom slots per molecule (largest molecule allowed)."),
     bucket_size: int = _opt(_default("bucket_size"), "bucket-size", "Padded layout: molecules sorted by size within buckets of this many."),
     layout: str = _opt(_default("layout"), "layout", "Batch layout: packed or padded."),
+    order: str = _opt(_default("order"), "order", "Epoch order: molecule (a full shuffle each epoch: data in memory), block (shuffled contiguous blocks mixed in a shuffle buffer: sequential reads, for data larger than memory) or auto (block when the data files exceed half the available memory)."),
     loader_threads: int = _opt(_default("loader_threads"), "loader-threads", "Threads that assemble each batch (packedqdc's own; used only while faster than one)."),
     valid_fraction: float = _opt(_default("valid_fraction"), "valid-fraction", "Fraction of molecules held out for validation."),
     seed: int = _opt(_default("seed"), "seed", "Seed of the split, the epoch order and the initial weights."),
@@ -97,7 +98,7 @@ def train(
             energy_weight=energy_weight, forces_weight=forces_weight, charge_weight=charge_weight,
             nh_weight=nh_weight, lr_schedule=lr_schedule, decay_rate=decay_rate, decay_steps=decay_steps,
             plateau_patience=plateau_patience, plateau_factor=plateau_factor, clip_norm=clip_norm,
-            ema_decay=ema_decay, max_time=max_time, loader_threads=loader_threads,
+            ema_decay=ema_decay, max_time=max_time, loader_threads=loader_threads, order=order,
         )
         trainer = start_run(cfg, placement)
         ref = trainer.reference
@@ -105,6 +106,7 @@ def train(
                       f"{trainer.valid_data.loader.N} valid molecules from {trainer.cfg.data_path}; "
                       f"electrostatics {'on' if trainer.cfg.electrostatics else 'off'}; reference residual "
                       f"{ref.per_atom_mean:.3f} ± {ref.per_atom_std:.3f} kcal/mol/atom")
+        console.print(f"loader: {trainer.train_data.loader.order_note}")
     with _progress() as progress:
         task = progress.add_task("epoch", total=None, visible=False)
 

@@ -20,6 +20,7 @@ PHYSNET_FORCES_WEIGHT = 52.91772105638412
 PHYSNET_CHARGE_WEIGHT = 14.399645351950548
 
 LAYOUTS = ("packed", "padded")
+ORDERS = ("auto", "molecule", "block")  # the loader's (packedqdc.loader.ORDERS)
 LOSSES = ("mae", "mse")
 LR_SCHEDULES = ("exponential", "plateau")
 
@@ -31,7 +32,8 @@ class TrainConfig:
     Data: ``data_path`` (packed directory; None means the bundled sample, packed into a cache),
     ``valid_fraction`` of molecules held out (seeded shuffle), ``layout`` of the batches,
     ``batch_size`` molecules per batch, ``num_atoms`` (largest molecule allowed; the padded layout
-    pads every molecule to it), ``bucket_size`` (loader shuffle buckets), ``loader_threads``
+    pads every molecule to it), ``bucket_size`` (loader shuffle buckets), ``order`` of each epoch
+    ("molecule", "block", or "auto": a new run saves the order auto chose), ``loader_threads``
     (threads that assemble a batch; they do not change the batches).
 
     Model (PhysNet): ``features``, ``num_iterations`` (modules), ``num_basis`` (radial functions),
@@ -82,6 +84,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     max_time: float | None = None
     loader_threads: int = 2
+    order: str = "auto"
 
     def __post_init__(self) -> None:
         checks = [
@@ -101,6 +104,7 @@ class TrainConfig:
             (0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {self.ema_decay}"),
             (self.max_time is None or self.max_time > 0, f"max_time must be > 0, got {self.max_time}"),
             (self.loader_threads >= 1, f"loader_threads must be >= 1, got {self.loader_threads}"),
+            (self.order in ORDERS, f"order must be one of {', '.join(ORDERS)}, got {self.order!r}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -36,13 +36,14 @@ def default_data_path(runs_dir: str | Path) -> Path:
 
 
 def split(data_path: str | Path, batch_size: int, bucket_size: int, seed: int, valid_fraction: float,
-          threads: int = 1) -> tuple[PackedMemmapLoader, PackedMemmapLoader]:
+          threads: int = 1, order: str = "auto") -> tuple[PackedMemmapLoader, PackedMemmapLoader]:
     """(train, valid) loaders of a seeded random split; valid keeps index order.
 
-    ``threads`` assemble each batch (``PackedMemmapLoader(threads=...)``).
+    ``threads`` assemble each batch (``PackedMemmapLoader(threads=...)``); ``order`` is the
+    training loader's epoch order (``loader.order`` holds what ``"auto"`` chose).
     """
     loader = PackedMemmapLoader(data_path, batch_size=batch_size, shuffle=True, bucket_size=bucket_size,
-                                seed=seed, prefetch=PREFETCH, threads=threads)
+                                seed=seed, prefetch=PREFETCH, threads=threads, order=order)
     if loader.N < 2:
         raise ConfigError(f"{data_path}: {loader.N} molecule(s); training needs at least 2")
     train, valid = split_loader(loader, train_fraction=1.0 - valid_fraction, seed=seed)

@@ -63,7 +63,7 @@ def _loaders(cfg: TrainConfig) -> tuple[PackedMemmapLoader, PackedMemmapLoader]:
     rounding.
     """
     loaders = split(cfg.data_path, cfg.batch_size, cfg.bucket_size, cfg.seed, cfg.valid_fraction,
-                    threads=cfg.loader_threads)
+                    threads=cfg.loader_threads, order=cfg.order)
     return tuple(loader.shard(jax.process_index(), jax.process_count()) for loader in loaders)
 
 
@@ -122,6 +122,7 @@ def start_run(cfg: TrainConfig, placement: Placement | None = None) -> Trainer:
         raise ConfigError(f"{data_path}: --data-path does not exist")
     cfg = cfg.replace(data_path=str(data_path))
     loaders = _loaders(cfg)
+    cfg = cfg.replace(order=loaders[0].order)  # what "auto" chose: a resumed run keeps it
     ds, train_idx = loaders[0].dataset, loaders[0].indices
     reference = fit_reference_energies(ds, train_idx)
     charged = ds.Qtot is not None and bool((np.asarray(ds.Qtot)[train_idx] != 0).any())
