@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 SYMBOLS: tuple[str, ...] = tuple(
     """X H He Li Be B C N O F Ne Na Mg Al Si P S Cl Ar K Ca Sc Ti V Cr Mn Fe Co Ni Cu Zn Ga Ge As Se
     Br Kr Rb Sr Y Zr Nb Mo Tc Ru Rh Pd Ag Cd In Sn Sb Te I Xe Cs Ba La Ce Pr Nd Pm Sm Eu Gd Tb Dy Ho
@@ -16,3 +18,17 @@ assert len(SYMBOLS) == MAX_Z + 1
 def symbol(z: int) -> str:
     """Chemical symbol of atomic number ``z`` (``"X"`` for 0, the padding number)."""
     return SYMBOLS[z] if 0 <= z <= MAX_Z else f"Z{z}"
+
+
+def element_histogram(Z: np.ndarray, block: int = 1 << 24) -> np.ndarray:
+    """Atoms per atomic number of ``Z`` (any integer array, e.g. a memmap), read ``block`` at a time.
+
+    Returns (MAX_Z + 2,) int64: index z in 1..MAX_Z counts element z; index 0 counts values below 1
+    and index MAX_Z + 1 values above MAX_Z (both invalid in a packed directory).
+    """
+    Z = Z.reshape(-1)
+    counts = np.zeros(MAX_Z + 2, dtype=np.int64)
+    for lo in range(0, Z.shape[0], block):
+        part = np.clip(np.asarray(Z[lo : lo + block], dtype=np.int64), 0, MAX_Z + 1)
+        counts += np.bincount(part, minlength=MAX_Z + 2)
+    return counts

@@ -22,20 +22,29 @@ written last; a directory without it is still valid input.
 
 from __future__ import annotations
 
+import ctypes
 import datetime as _dt
+import errno
+import functools
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 import queue
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; leftovers are then never removed
+    fcntl = None  # type: ignore[assignment]
 
 from .elements import MAX_Z, symbol
 from .errors import FormatError, SourceError, TargetExistsError
@@ -53,6 +62,7 @@ QTOT_FILE = "Qtot.f64"
 META = "meta.json"
 
 UNITS = {"energy": "kcal/mol", "length": "angstrom", "forces": "kcal/mol/angstrom", "charge": "e"}
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -216,8 +226,28 @@ def open_packed(path: str | os.PathLike[str]) -> PackedDataset:
         F=arrays[F_FILE],
         E=arrays[E_FILE],
         Qtot=arrays[QTOT_FILE],
-        meta=read_meta(root),
+        meta=check_meta_header(root, read_meta(root)),
     )
+
+
+def check_meta_header(root: Path, meta: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``meta`` if it describes this format, version and units; FormatError otherwise.
+
+    A directory without meta.json (the seed's) is taken as it is. One whose meta.json names another
+    format, a version this code does not know, or other units is refused: its numbers would be
+    read as kcal/mol and Å when they are not.
+    """
+    if meta is None:
+        return None
+    file = root / META
+    if meta.get("format") != FORMAT_NAME:
+        raise FormatError(f"{file}: format is {meta.get('format')!r}, not {FORMAT_NAME!r}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise FormatError(f"{file}: format_version {meta.get('format_version')!r} is not supported "
+                          f"(this packedqdc reads version {FORMAT_VERSION})")
+    if "units" in meta and meta["units"] != UNITS:
+        raise FormatError(f"{file}: units {meta['units']!r} differ from packedqdc's {UNITS}; repack the data")
+    return meta
 
 
 def _memmap(file: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
@@ -242,6 +272,8 @@ class MoleculeChunk:
         E: (m,) float64 energies, kcal/mol.
         F: (sum n_atoms, 3) float32 forces, kcal/mol/Å, or None.
         Qtot: (m,) float64 total charges, e, or None.
+        index: (m,) int64 numbers of these molecules in the input (for messages), or None when
+            they are simply the next ``m`` molecules of the input.
     """
 
     n_atoms: np.ndarray
@@ -250,6 +282,7 @@ class MoleculeChunk:
     E: np.ndarray
     F: np.ndarray | None = None
     Qtot: np.ndarray | None = None
+    index: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.n_atoms.shape[0])
@@ -359,31 +392,55 @@ class PackedWriter:
         has_qtot: bool,
         provenance: dict[str, Any] | None = None,
         force: bool = False,
+        inputs: Sequence[str | os.PathLike[str]] = (),
     ) -> None:
         self.target = Path(target).absolute()
         self.has_forces = has_forces
         self.has_qtot = has_qtot
         self.provenance = dict(provenance or {})
         self.force = force
+        self.inputs = tuple(Path(p) for p in inputs)
         self.stats = PackStats()
-        if self.target.exists() and not force:
-            raise TargetExistsError(f"{self.target}: already exists; pass --force to replace it")
+        self._check_target()
         parent = self.target.parent
         if not parent.is_dir():
             raise TargetExistsError(f"{parent}: parent directory of the output does not exist")
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=parent))
+        #: stale temporary directories of earlier, killed packs to this target, removed here
+        self.removed_leftovers = remove_stale_leftovers(self.target)
+        self.tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(self.target), dir=parent))
+        self._tmp_lock = _lock_directory(self.tmp)
         os.chmod(self.tmp, 0o777 & ~_current_umask())  # mkdtemp makes it 0700; publish like mkdir
-        self._writers: dict[str, _HashingWriter] = {
-            Z_FILE: _HashingWriter(self.tmp / Z_FILE),
-            R_FILE: _HashingWriter(self.tmp / R_FILE),
-            E_FILE: _HashingWriter(self.tmp / E_FILE),
-        }
-        if has_forces:
-            self._writers[F_FILE] = _HashingWriter(self.tmp / F_FILE)
-        if has_qtot:
-            self._writers[QTOT_FILE] = _HashingWriter(self.tmp / QTOT_FILE)
-        self._counts = open(self.tmp / "n_atoms.scratch", "wb")
+        self._writers: dict[str, _HashingWriter] = {}
+        self._counts = None
         self._done = False
+        try:
+            for name, wanted in ((Z_FILE, True), (R_FILE, True), (E_FILE, True),
+                                 (F_FILE, has_forces), (QTOT_FILE, has_qtot)):
+                if wanted:
+                    self._writers[name] = _HashingWriter(self.tmp / name)
+            self._counts = open(self.tmp / SCRATCH, "wb")
+        except BaseException:
+            self.abort()
+            raise
+
+    def _check_target(self) -> None:
+        """Refuse a target that exists (without ``force``), or that ``force`` may not replace."""
+        target = self.target
+        for given in self.inputs:
+            if _is_within(Path(given), target):
+                raise TargetExistsError(f"{target}: the output directory holds the input {given}; "
+                                        "choose another OUTPUT_DIR")
+        if not (target.exists() or target.is_symlink()):
+            return
+        if not self.force:
+            raise TargetExistsError(f"{target}: already exists; pass --force to replace it")
+        if _is_within(Path.cwd(), target):
+            raise TargetExistsError(f"{target}: --force will not replace the current working directory "
+                                    "or a directory above it")
+        reason = not_replaceable_reason(target)
+        if reason is not None:
+            raise TargetExistsError(f"{target}: --force only replaces a packed directory, and this {reason}; "
+                                    "nothing was changed")
 
     def __enter__(self) -> PackedWriter:
         return self
@@ -431,7 +488,7 @@ class PackedWriter:
         self._writers = {}
         self._counts.close()
         checksums.update(self._write_index_files())
-        (self.tmp / "n_atoms.scratch").unlink()
+        (self.tmp / SCRATCH).unlink()
         meta = self._meta(checksums, extra_meta or {})
         meta_file = self.tmp / META
         meta_file.write_text(json.dumps(meta, indent=2) + "\n")
@@ -446,16 +503,17 @@ class PackedWriter:
         for w in self._writers.values():
             w.discard()
         self._writers = {}
-        if not self._counts.closed:
+        if self._counts is not None and not self._counts.closed:
             self._counts.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
+        os.close(self._tmp_lock)
         self._done = True
 
     def _write_index_files(self, block: int = 1 << 22) -> dict[str, str]:
         """Write ``n_atoms.npy`` and ``offsets.npy`` from the scratch counts, block by block."""
         n = self.stats.n_molecules
         counts = (
-            np.memmap(self.tmp / "n_atoms.scratch", dtype=np.int32, mode="r", shape=(n,))
+            np.memmap(self.tmp / SCRATCH, dtype=np.int32, mode="r", shape=(n,))
             if n
             else np.zeros(0, dtype=np.int32)
         )
@@ -504,22 +562,151 @@ class PackedWriter:
         return meta
 
     def _publish(self) -> None:
-        backup: Path | None = None
-        if self.target.exists():
-            if not self.force:
-                raise TargetExistsError(f"{self.target}: appeared while packing; pass --force to replace it")
-            backup = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.old-", dir=self.target.parent))
-            backup.rmdir()
-            os.rename(self.target, backup)
-        try:
+        """Move the finished directory to ``target``; an old one (``force``) is swapped out.
+
+        On Linux the swap is one atomic ``renameat2(RENAME_EXCHANGE)``: at every instant ``target``
+        is either the complete old directory or the complete new one. Elsewhere, two renames.
+        """
+        if self.target.exists() or self.target.is_symlink():
+            self._check_target()  # again: the target may have changed while we packed
+            if _exchange(self.tmp, self.target):
+                old = self.tmp  # the old directory now sits at our locked temporary path
+            else:
+                old = Path(tempfile.mkdtemp(prefix=_old_prefix(self.target), dir=self.target.parent))
+                os.rmdir(old)
+                os.rename(self.target, old)
+                try:
+                    os.rename(self.tmp, self.target)
+                except OSError:
+                    os.rename(old, self.target)
+                    raise
+            _fsync_path(self.target.parent)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
             os.rename(self.tmp, self.target)
+            _fsync_path(self.target.parent)
+        os.close(self._tmp_lock)
+
+
+#: The only entries of a packed directory: data and index files and meta.json.
+PACKED_NAMES = frozenset(spec.name for spec in RAW_FILES) | {OFFSETS, N_ATOMS, META}
+#: The writer's scratch file of molecule sizes (only ever inside its temporary directory).
+SCRATCH = "n_atoms.scratch"
+
+
+def not_replaceable_reason(target: Path) -> str | None:
+    """Why ``--force`` may not replace ``target`` (a phrase), or None when it may.
+
+    Only a directory that packedqdc (or the seed's snippet) wrote may be replaced: regular files
+    with the format's names, ``offsets.npy`` among them, and a ``meta.json`` of this format if any.
+    Anything else is the user's, and is never deleted.
+    """
+    if target.is_symlink():
+        return "is a symbolic link"
+    if not target.is_dir():
+        return "is not a directory"
+    entries = sorted(os.listdir(target))
+    foreign = [name for name in entries if name not in PACKED_NAMES or not (target / name).is_file()
+               or (target / name).is_symlink()]
+    if foreign:
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        return f"one holds {foreign[0]!r}{more}, which packedqdc did not write"
+    if OFFSETS not in entries:
+        return f"one has no {OFFSETS}" if entries else "one is empty"
+    if META in entries:
+        try:
+            meta = json.loads((target / META).read_text())
+        except (OSError, ValueError):
+            return f"one's {META} is not readable JSON"
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+            return f"one's {META} is not packedqdc's"
+    return None
+
+
+def remove_stale_leftovers(target: Path) -> list[Path]:
+    """Remove temporary directories that killed packs to ``target`` left beside it; return them.
+
+    A leftover is removed only when all of these hold: its name is one the writer makes for this
+    target, it is a real directory holding nothing but the writer's files, and no live process
+    holds its lock (a running pack keeps an exclusive ``flock`` on its directory until it ends).
+    """
+    removed = []
+    parent = target.parent
+    if not parent.is_dir():
+        return removed
+    prefixes = (_tmp_prefix(target), _old_prefix(target))
+    for entry in os.scandir(parent):
+        if not entry.name.startswith(prefixes) or not entry.is_dir(follow_symlinks=False):
+            continue
+        path = Path(entry.path)
+        try:
+            names = os.listdir(path)
+            if any(name not in PACKED_NAMES | {SCRATCH} or not (path / name).is_file() for name in names):
+                continue
+            fd = _lock_directory(path, blocking=False)
         except OSError:
-            if backup is not None:
-                os.rename(backup, self.target)
+            continue  # held by a running pack, or not ours to read
+        try:
+            shutil.rmtree(path)
+            removed.append(path)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _tmp_prefix(target: Path) -> str:
+    return f".{target.name}.tmp-"
+
+
+def _old_prefix(target: Path) -> str:
+    return f".{target.name}.old-"
+
+
+def _is_within(path: Path, directory: Path) -> bool:
+    """True when ``path`` is ``directory`` or lies below it (both resolved through links)."""
+    try:
+        path, directory = path.resolve(), directory.resolve()
+    except OSError:
+        return False
+    return path == directory or directory in path.parents
+
+
+def _lock_directory(path: Path, blocking: bool = True) -> int:
+    """An fd of ``path`` holding an exclusive ``flock`` (released when the fd is closed or the
+    process dies); OSError when ``blocking`` is false and another process holds it."""
+    fd = os.open(path, os.O_RDONLY)
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except OSError:
+            os.close(fd)
             raise
-        _fsync_path(self.target.parent)
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
+    return fd
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the paths ``a`` and ``b`` in one atomic step (Linux ``renameat2``); False if unsupported."""
+    rename2 = getattr(_libc(), "renameat2", None)
+    if rename2 is None:
+        return False
+    rename2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if rename2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False  # kernel or file system without the flag
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+@functools.lru_cache(maxsize=1)
+def _libc() -> Any:
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
 
 
 def _check_chunk_shapes(chunk: MoleculeChunk, m: int, atoms: int, first: int) -> None:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .checks import SKIPPED_SHOWN, ValueScreen
 from .errors import SourceError
 from .format import PackedWriter
 from .sources import MoleculeSource
@@ -29,6 +30,8 @@ class PackResult:
         skipped: molecules dropped as invalid (only with ``skip_invalid``).
         skipped_first: one-line reasons of the first few chunks' first skipped molecule.
         seconds: wall time of the pack.
+        removed_leftovers: temporary directories of earlier killed packs to the same output,
+            removed before this one started.
     """
 
     path: Path
@@ -37,34 +40,46 @@ class PackResult:
     skipped: int = 0
     skipped_first: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    removed_leftovers: list[Path] = field(default_factory=list)
 
 
 def pack_source(
     source: MoleculeSource,
     output: str | os.PathLike[str],
     *,
+    skip_invalid: bool = False,
     force: bool = False,
     progress: ProgressCallback | None = None,
 ) -> PackResult:
     """Stream every chunk of ``source`` into a new packed directory at ``output``, atomically.
 
-    On any error the temporary directory is removed and ``output`` is left as it was.
+    Every chunk passes :class:`packedqdc.checks.ValueScreen` (values as they will be stored) before
+    it is written: the first invalid molecule raises, or with ``skip_invalid`` invalid molecules
+    are dropped and counted. On any error the temporary directory is removed and ``output`` is
+    left as it was. ``force`` replaces an existing packed directory, and nothing else (see
+    ``PackedWriter``).
 
     Raises:
-        TargetExistsError: ``output`` exists and ``force`` is false.
-        SourceError: from the source, or when no valid molecule remains.
+        TargetExistsError: ``output`` exists and ``force`` is false, or it may not be replaced.
+        SourceError: from the source or the screen, or when no valid molecule remains.
     """
     start = time.perf_counter()
-    with PackedWriter(output, has_forces=source.has_forces, has_qtot=source.has_qtot, force=force) as writer:
+    label = str(getattr(source, "name", "input"))
+    screen = ValueScreen(label, getattr(source, "field_names", {}), skip_invalid=skip_invalid)
+    with PackedWriter(output, has_forces=source.has_forces, has_qtot=source.has_qtot, force=force,
+                      inputs=getattr(source, "input_paths", ())) as writer:
         for chunk in source.chunks():
-            writer.append(chunk)
+            writer.append(screen(chunk))
             if progress is not None:
                 progress(writer.stats.n_molecules, source.n_molecules)
         if progress is not None:
             progress(source.n_molecules, source.n_molecules)
         provenance = source.provenance()
+        provenance["skipped_invalid"] = int(provenance.get("skipped_invalid", 0)) + screen.skipped
         if writer.stats.n_molecules == 0:
-            raise SourceError(f"{provenance.get('input', 'input')}: no valid molecules to pack")
+            skipped = provenance["skipped_invalid"]
+            why = f" ({skipped} skipped as invalid)" if skipped else ""
+            raise SourceError(f"{label}: no valid molecules to pack{why}")
         writer.provenance.update(provenance)
         extra = {} if provenance.get("had_charges", True) else {
             "qtot_note": "the source has no total charges: Qtot.f64 is all zeros (neutral)"
@@ -74,8 +89,9 @@ def pack_source(
         path=path,
         n_molecules=writer.stats.n_molecules,
         n_atoms_total=writer.stats.n_atoms_total,
-        skipped=int(provenance.get("skipped_invalid", 0)),
-        skipped_first=list(getattr(source, "skipped_first", [])),
+        skipped=provenance["skipped_invalid"],
+        skipped_first=(list(getattr(source, "skipped_first", [])) + screen.skipped_first)[:SKIPPED_SHOWN],
+        removed_leftovers=writer.removed_leftovers,
         seconds=time.perf_counter() - start,
     )
 
@@ -105,7 +121,7 @@ def pack_npz(
         skip_invalid=skip_invalid,
         chunk_size=chunk_size,
     ) as source:
-        return pack_source(source, output, force=force, progress=progress)
+        return pack_source(source, output, skip_invalid=skip_invalid, force=force, progress=progress)
 
 
 __all__ = ["PackResult", "ProgressCallback", "pack_npz", "pack_source"]

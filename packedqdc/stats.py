@@ -13,36 +13,60 @@ from typing import Any
 import numpy as np
 
 from .batching import all_pair_counts, design_budgets, packed_plan, padded_plan
-from .elements import MAX_Z, symbol
-from .format import open_packed
+from .elements import MAX_Z, element_histogram, symbol
+from .errors import FormatError
+from .finite import all_finite
+from .format import N_ATOMS, OFFSETS, Z_FILE, open_packed
 
 DEFAULT_SWEEP = (256, 1024, 4096, 8192, 32768, 131072)
 
 
 def _stream_range(array: np.ndarray, chunk: int) -> dict[str, float] | None:
-    """min, max, mean, std and max |x| of ``array`` read ``chunk`` rows at a time (float64 sums)."""
+    """min, max, mean, std and max |x| of the finite values of ``array``, read ``chunk`` rows at a
+    time (float64 sums), and ``non_finite``: how many values are NaN or inf (0 in a valid directory).
+    None when ``array`` is absent, empty or holds no finite value."""
     if array is None or array.shape[0] == 0:
         return None
-    lo, hi, total, total2, count, absmax = np.inf, -np.inf, 0.0, 0.0, 0, 0.0
+    lo, hi, total, total2, count, absmax, bad = np.inf, -np.inf, 0.0, 0.0, 0, 0.0, 0
     for start in range(0, array.shape[0], chunk):
         part = np.asarray(array[start : start + chunk], dtype=np.float64)
+        if not all_finite(part):
+            finite = np.isfinite(part)
+            bad += int(part.size - finite.sum())
+            part = part[finite]
+            if part.size == 0:
+                continue
         lo, hi = min(lo, float(part.min())), max(hi, float(part.max()))
         total += float(part.sum())
         total2 += float(np.square(part).sum())
         count += part.size
         absmax = max(absmax, float(np.abs(part).max()))
+    if count == 0:
+        return None
     mean = total / count
-    return {"min": lo, "max": hi, "mean": mean, "std": float(np.sqrt(max(total2 / count - mean * mean, 0.0))), "max_abs": absmax}
+    return {"min": lo, "max": hi, "mean": mean, "std": float(np.sqrt(max(total2 / count - mean * mean, 0.0))),
+            "max_abs": absmax, "non_finite": bad}
 
 
 def _element_counts(ds: Any, chunk: int) -> dict[str, int]:
-    if ds.meta and isinstance(ds.meta.get("element_counts"), dict):
-        return {str(k): int(v) for k, v in ds.meta["element_counts"].items()}
-    counts = np.zeros(MAX_Z + 1, dtype=np.int64)
-    for start in range(0, ds.Z.shape[0], chunk):
-        z = np.clip(np.asarray(ds.Z[start : start + chunk]), 0, MAX_Z)
-        counts += np.bincount(z, minlength=MAX_Z + 1)[: MAX_Z + 1]
-    return {symbol(z): int(c) for z, c in enumerate(counts) if c and z > 0}
+    """Atoms per element symbol, counted from ``Z`` (never taken from meta.json unchecked)."""
+    counts = element_histogram(ds.Z, chunk)
+    invalid = int(counts[0] + counts[MAX_Z + 1])
+    if invalid:
+        raise FormatError(f"{ds.path / Z_FILE}: {invalid} atomic number(s) outside 1..{MAX_Z}; "
+                          f"run 'packedqdc validate {ds.path}' for the molecules")
+    return {symbol(z): int(c) for z, c in enumerate(counts[: MAX_Z + 1]) if c and z > 0}
+
+
+def _check_sizes(ds: Any, n_atoms: np.ndarray) -> None:
+    """The per-molecule sizes every figure is computed from must agree with ``offsets``."""
+    if n_atoms.size and int(n_atoms.min()) < 1:
+        bad = int(np.argmax(n_atoms < 1))
+        raise FormatError(f"{ds.path / N_ATOMS}: molecule {bad} has {int(n_atoms[bad])} atoms; "
+                          f"run 'packedqdc validate {ds.path}'")
+    if int(n_atoms.sum(dtype=np.int64)) != ds.n_atoms_total:
+        raise FormatError(f"{ds.path / N_ATOMS}: sums to {int(n_atoms.sum(dtype=np.int64))} atoms but "
+                          f"{OFFSETS} says {ds.n_atoms_total}; run 'packedqdc validate {ds.path}'")
 
 
 def padded_efficiency(n_atoms: np.ndarray, batch_size: int, num_atoms: int | None, bucket_size: int, seed: int) -> dict[str, Any]:
@@ -113,6 +137,7 @@ def dataset_stats(
     """
     ds = open_packed(path)
     n_atoms = np.asarray(ds.n_atoms, dtype=np.int32)
+    _check_sizes(ds, n_atoms)
     sizes, counts = np.unique(n_atoms, return_counts=True)
     out: dict[str, Any] = {
         "path": str(ds.path),

@@ -21,6 +21,9 @@ from .format import (
     FORMAT_NAME,
     FORMAT_VERSION,
     META,
+    PACKED_NAMES,
+    SHA256_HEX,
+    UNITS,
     N_ATOMS,
     OFFSETS,
     QTOT_FILE,
@@ -137,14 +140,32 @@ def validate_packed(path: str | os.PathLike[str], checksums: bool = False, max_p
 
 def _load_npy(root: Path, name: str, report: ValidationReport) -> np.ndarray | None:
     file = root / name
-    if not file.is_file():
+    if not _present(file, name, report):
         report.add(name, "required file is missing")
         return None
     try:
         return np.load(file, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
+    except OSError as exc:
+        _unreadable(name, exc, report)
+        return None
+    except (ValueError, EOFError) as exc:
         report.add(name, f"not a readable .npy file ({exc})")
         return None
+
+
+def _present(file: Path, name: str, report: ValidationReport) -> bool:
+    """True for a regular file; a directory (or device, ...) in its place makes the report unreadable."""
+    if file.is_file():
+        return True
+    if file.exists() or file.is_symlink():
+        report.readable = False
+        report.add(name, "not a regular file (a directory, a dangling link or a device?)")
+    return False
+
+
+def _unreadable(name: str, exc: OSError, report: ValidationReport) -> None:
+    report.readable = False
+    report.add(name, f"unreadable ({exc.strerror or exc})")
 
 
 def _offsets(root: Path, report: ValidationReport) -> np.ndarray | None:
@@ -222,8 +243,8 @@ def _molecule_of_row(spec: RawFileSpec, offsets: np.ndarray, row: int) -> int:
 def _check_size(root: Path, spec: RawFileSpec, offsets: np.ndarray, report: ValidationReport) -> int | None:
     """Rows of ``spec``'s file that can be value-checked (complete and expected); None if absent."""
     file = root / spec.name
-    if not file.is_file():
-        if spec.required:
+    if not _present(file, spec.name, report):
+        if spec.required and report.readable:
             report.add(spec.name, "required file is missing")
         return None
     rows = _rows_expected(spec, offsets)
@@ -285,7 +306,11 @@ def _check_values(
         rows = present[spec.name]
         if rows is None:
             continue
-        findings, counts = _scan(root / spec.name, spec, rows)
+        try:
+            findings, counts = _scan(root / spec.name, spec, rows)
+        except OSError as exc:
+            _unreadable(spec.name, exc, report)
+            continue
         unit = "atoms" if spec.per == "atom" else "molecules"
         for finding in findings:
             if finding.count:
@@ -352,8 +377,10 @@ def _check_meta(
     if elements is not None:
         _check_elements(meta, elements, report)
     sums = meta.get("sha256")
-    if not isinstance(sums, dict):
+    if sums is None:
         report.notes.append(f"{META} has no sha256 sums: checksums not checked")
+    elif not _well_formed_sums(sums, report):
+        pass
     elif checksums:
         _check_checksums(root, sums, report)
     else:
@@ -365,6 +392,9 @@ def _check_meta_fields(meta: dict[str, Any], present: dict[str, int | None], rep
         report.add(META, f"format is {meta.get('format')!r}, expected {FORMAT_NAME!r}")
     if meta.get("format_version") != FORMAT_VERSION:
         report.add(META, f"format_version is {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+    if meta.get("units") != UNITS:
+        report.add(META, f"units are {meta.get('units')!r}; packedqdc stores {UNITS} (a directory in other "
+                         "units would be read as if in these: repack it)")
     for key, actual in report.counts.items():
         if meta.get(key) != actual:
             report.add(META, f"{key} is {meta.get(key)!r} but the files hold {actual}")
@@ -379,6 +409,22 @@ def _check_elements(meta: dict[str, Any], histogram: np.ndarray, report: Validat
     if isinstance(recorded, dict) and recorded != actual:
         diff = sorted(k for k in set(recorded) | set(actual) if recorded.get(k) != actual.get(k))
         report.add(META, f"element_counts disagree with {Z_FILE} for {', '.join(diff[:5])}")
+
+
+def _well_formed_sums(sums: Any, report: ValidationReport) -> bool:
+    """sha256 must map names of the format's files to 64 hex digits; each deviation is a problem."""
+    if not isinstance(sums, dict):
+        report.add(META, f"sha256 must be an object of file name -> hex digest, found {type(sums).__name__}")
+        return False
+    ok = True
+    for name, digest in sorted(sums.items()):
+        if name not in PACKED_NAMES or name == META:
+            report.add(META, f"sha256 lists {name!r}, which is not a file of the format")
+            ok = False
+        elif not (isinstance(digest, str) and SHA256_HEX.fullmatch(digest)):
+            report.add(META, f"sha256 of {name} is {str(digest)[:20]!r}, not 64 hex digits")
+            ok = False
+    return ok
 
 
 def _check_checksums(root: Path, sums: dict[str, Any], report: ValidationReport) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from packedqdc.data import SAMPLE_NPZ
 from packedqdc.pack import pack_npz
 
 PaddedFactory = Callable[..., dict[str, np.ndarray]]
@@ -38,3 +39,9 @@ def packed_dir(tmp_path: Path, make_padded: PaddedFactory) -> Path:
     npz = tmp_path / "src.npz"
     np.savez(npz, **make_padded())
     return pack_npz(npz, tmp_path / "packed").path
+
+
+@pytest.fixture(scope="session")
+def sample_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled sample (504 xTB conformers with forces and charges), packed once per session."""
+    return pack_npz(SAMPLE_NPZ, tmp_path_factory.mktemp("data") / "sample").path

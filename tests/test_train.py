@@ -13,10 +13,8 @@ import pytest
 from typer.testing import CliRunner
 
 from packedqdc.cli import app
-from packedqdc.data import SAMPLE_NPZ
 from packedqdc.errors import TargetExistsError, TrainingError
 from packedqdc.format import open_packed
-from packedqdc.pack import pack_npz
 from packedqdc.train import Potential, RunCheckpoints, TrainConfig, evaluate_run, fit, resume_run, start_run
 
 TINY = dict(features=16, num_iterations=2, num_basis=16, batch_size=16, layout="padded", num_atoms=15,
@@ -25,11 +23,6 @@ TINY = dict(features=16, num_iterations=2, num_basis=16, batch_size=16, layout="
 
 def _equal_trees(a, b) -> bool:
     return all(jax.tree.leaves(jax.tree.map(lambda x, y: bool(np.array_equal(np.asarray(x), np.asarray(y))), a, b)))
-
-
-@pytest.fixture(scope="module")
-def sample_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return pack_npz(SAMPLE_NPZ, tmp_path_factory.mktemp("data") / "sample").path
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +66,7 @@ def test_resume_equals_uninterrupted_run(trained, sample_dir: Path) -> None:
     runs = trainer.run_dir.parent
     part = start_run(TrainConfig(data_path=str(sample_dir), runs_dir=str(runs), name="part", num_epochs=2, **TINY))
     fit(part)
-    part.checkpoints.close()
+    part.close()
     resumed = resume_run(runs / "part", num_epochs=3)
     assert int(resumed.state.epoch) == 2
     fit(resumed)
@@ -93,7 +86,7 @@ def test_nan_guard_keeps_last_good_checkpoint(trained, sample_dir: Path, tmp_pat
     first = start_run(TrainConfig(data_path=str(data), runs_dir=str(runs), name="nan", num_epochs=1, **TINY))
     fit(first)
     bad = int(first.train_data.loader.indices[5])
-    first.checkpoints.close()
+    first.close()
     E = np.memmap(data / "E.f64", dtype=np.float64, mode="r+")
     E[bad] = np.nan
     E.flush()

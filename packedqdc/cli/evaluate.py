@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
 from rich.table import Table
 
-from .app import app, console, handles_errors
+from .app import app, console, handles_errors, json_text
 
 
 @app.command("evaluate")
@@ -24,7 +23,7 @@ def evaluate(
 
     result = evaluate_run(run_dir, data_path, which=checkpoint)
     if as_json:
-        typer.echo(json.dumps(result.summary()))
+        typer.echo(json_text(result.summary()))
         return
     table = Table(title=f"{run_dir} ({checkpoint}, EMA) on {data_path}: {result.n_molecules} molecules")
     for column in ("", "MAE", "RMSE", "baseline MAE"):

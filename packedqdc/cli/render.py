@@ -30,6 +30,9 @@ def print_pack_result(result: PackResult, skipped_what: str) -> None:
         highlight=False,
         soft_wrap=True,
     )
+    for path in result.removed_leftovers:
+        console.print(f"Removed {path}, left behind by an earlier pack that was killed", highlight=False,
+                      soft_wrap=True)
     if result.skipped:
         console.print(f"Skipped {result.skipped} {skipped_what} molecules; first ones:", highlight=False)
         for reason in result.skipped_first:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -11,7 +10,7 @@ from rich.table import Table
 
 from ..errors import ConfigError
 from ..stats import dataset_stats, plot_stats
-from .app import app, console, handles_errors
+from .app import app, check_output_file, console, handles_errors, json_text
 
 
 @app.command("stats")
@@ -32,11 +31,12 @@ def stats(
             import matplotlib  # noqa: F401
         except ImportError:
             raise ConfigError("--plot needs matplotlib: pip install 'packedqdc[plot]'") from None
+        check_output_file(plot, "--plot")
     result = dataset_stats(directory, batch_size=batch_size, num_atoms=num_atoms, bucket_size=bucket_size)
     if plot is not None:
         plot_stats(result, plot)
     if as_json:
-        typer.echo(json.dumps(result, indent=2))
+        typer.echo(json_text(result, indent=2))
         return
     _render(result)
     if plot is not None:
@@ -70,6 +70,9 @@ def _render(s: dict[str, Any]) -> None:
         r = s.get(key)
         if r:
             ranges.add_row(name, *(f"{r[k]:.4g}" for k in ("min", "max", "mean", "std")))
+            if r["non_finite"]:
+                console.print(f"[bold red]warning:[/] {r['non_finite']:,} non-finite value(s) in {name} "
+                              f"(left out of the figures; run packedqdc validate)")
         else:
             ranges.add_row(name, "absent", "", "", "")
     console.print(ranges)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
 
 from ..validate import ValidationReport, validate_packed
-from .app import app, console, handles_errors
+from .app import app, console, handles_errors, json_text
 
 
 @app.command("validate")
@@ -25,7 +24,7 @@ def validate(
     """
     report = validate_packed(directory, checksums=checksums, max_problems=max_problems)
     if as_json:
-        typer.echo(json.dumps(report.to_dict(), indent=2))
+        typer.echo(json_text(report.to_dict(), indent=2))
     else:
         _print_report(report)
     raise typer.Exit(report.exit_code)

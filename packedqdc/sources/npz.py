@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import struct
 import zipfile
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,9 +26,8 @@ from typing import IO, Any
 
 import numpy as np
 
-from ..elements import MAX_Z
+from ..checks import SKIPPED_SHOWN
 from ..errors import ConfigError, SourceError
-from ..finite import all_finite
 from ..format import MoleculeChunk
 from ..units import energy_factor, length_factor
 from . import UnreadableSourceError
@@ -42,9 +42,9 @@ DEFAULT_KEYS: dict[str, tuple[str, ...]] = {
     "Q": ("Q", "Qtot", "charge"),
 }
 REQUIRED_ROLES = ("R", "Z", "E")
+#: what a damaged zip container raises while members are opened or inflated
+DAMAGED_ZIP = (zipfile.BadZipFile, zlib.error, EOFError)
 DEFAULT_CHUNK_SIZE = 65536
-#: how many skipped molecule indices are remembered for the report
-SKIPPED_SHOWN = 10
 
 
 def parse_keys(spec: str | None) -> dict[str, str]:
@@ -88,9 +88,12 @@ class _Member:
         self._zf, self._raw, self._info = zf, raw, info
         self._stream: IO[bytes] | None = None
         self._row = 0
-        with zf.open(info) as fh:
-            self.shape, self.fortran, self.dtype = _read_npy_header(fh, self._where)
-            header_len = fh.tell()
+        try:
+            with zf.open(info) as fh:
+                self.shape, self.fortran, self.dtype = _read_npy_header(fh, self._where)
+                header_len = fh.tell()
+        except DAMAGED_ZIP as exc:
+            raise UnreadableSourceError(f"{self._where}: damaged zip member ({exc})") from None
         if self.dtype.hasobject:
             raise SourceError(f"{self._where}: object (pickled) arrays are not supported")
         self.stored = info.compress_type == zipfile.ZIP_STORED
@@ -270,7 +273,9 @@ class NpzSource:
 
     def _open_zip(self) -> None:
         if not self.path.is_file():
-            raise UnreadableSourceError(f"{self.name}: no such file")
+            what = ("is a directory, not an NPZ file" if self.path.is_dir()
+                    else "is not a regular file" if self.path.exists() else "no such file")
+            raise UnreadableSourceError(f"{self.name}: {what}")
         try:
             self._raw: IO[bytes] = open(self.path, "rb")
             self._zf = zipfile.ZipFile(self._raw)
@@ -391,13 +396,20 @@ class NpzSource:
         A worker thread reads, checks and converts the next chunk while the caller writes this one
         (file reads, copies and writes release the GIL), so at most two chunks are in memory.
         """
+        try:
+            yield from self._chunks()
+        except DAMAGED_ZIP as exc:  # a compressed member failing its CRC or inflating badly
+            raise UnreadableSourceError(f"{self.name}: damaged zip member ({exc})") from None
+
+    def _chunks(self) -> Iterator[MoleculeChunk]:
         self._shared_z = self._members["Z"].read_all().astype(np.int64) if self.layout == "trajectory" else None
         self._atom_cursor = 0
         starts = list(range(0, self.n_molecules, self.chunk_size))
+        if not starts:  # a file of zero molecules: nothing to yield (pack_source says so)
+            return
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="npz-read") as pool:
-            pending = pool.submit(self._chunk, starts[0]) if starts else None
+            pending = pool.submit(self._chunk, starts[0])
             for lo in starts[1:] + [None]:
-                assert pending is not None
                 chunk = pending.result()
                 pending = None if lo is None else pool.submit(self._chunk, lo)
                 if chunk is not None:
@@ -413,8 +425,8 @@ class NpzSource:
         else:
             raw = self._read_flat(lo, hi, self._atom_cursor)
             self._atom_cursor += int(raw.counts.sum())
-        raw = self._checked(raw, lo)
-        return self._converted(raw) if raw.counts.shape[0] else None
+        raw, index = self._checked(raw, lo)
+        return self._converted(raw, index) if raw.counts.shape[0] else None
 
     def _get(self, role: str, lo: int, hi: int) -> np.ndarray | None:
         member = self._members.get(role)
@@ -468,11 +480,14 @@ class NpzSource:
             Q=_flat_or_none(self._get("Q", lo, hi)),
         )
 
-    def _checked(self, raw: _Raw, lo: int) -> _Raw:
-        """Raise on the first bad molecule, or drop bad molecules when skipping."""
-        flags = _bad_molecules(raw, self._members)
+    def _checked(self, raw: _Raw, lo: int) -> tuple[_Raw, np.ndarray]:
+        """Raise on the first molecule whose atoms cannot be laid out, or drop such molecules when
+        skipping; returns the rest and their numbers in the file. (Values are judged after
+        conversion, by ``packedqdc.checks.ValueScreen``.)"""
+        index = np.arange(lo, lo + raw.counts.shape[0], dtype=np.int64)
+        flags = _bad_layout(raw, self._members)
         if not flags:
-            return raw
+            return raw, index
         bad = np.logical_or.reduce([mask for _, _, mask in flags])
         first = int(np.argmax(bad))
         key, reason = next((k, r) for k, r, mask in flags if mask[first])
@@ -483,13 +498,14 @@ class NpzSource:
         self.skipped += int(bad_idx.shape[0])
         if len(self.skipped_first) < SKIPPED_SHOWN:
             self.skipped_first.append(message)
-        return _subset(raw, ~bad)
+        return _subset(raw, ~bad), index[~bad]
 
-    def _converted(self, raw: _Raw) -> MoleculeChunk:
+    def _converted(self, raw: _Raw, index: np.ndarray) -> MoleculeChunk:
         u = self._units
         return MoleculeChunk(
+            index=index,
             n_atoms=raw.counts.astype(np.int32),
-            Z=raw.Z.astype(np.int32, copy=False),
+            Z=raw.Z,  # as stored: cast to int32 by the writer once the range is checked
             R=_scaled(raw.R, u["length_factor"], np.float32),
             E=_scaled(raw.E, u["energy_factor"], np.float64),
             F=None if raw.F is None else _scaled(raw.F, u["force_factor"], np.float32),
@@ -497,6 +513,21 @@ class NpzSource:
         )
 
     # ---- reporting ----------------------------------------------------------------------
+
+    @property
+    def field_names(self) -> dict[str, str]:
+        """How messages name each chunk field: by the NPZ key it was read from."""
+        roles = {"n_atoms": "N" if "N" in self._members else "Z", "Qtot": "Q"}
+        names = {}
+        for name in ("n_atoms", "Z", "R", "F", "E", "Qtot"):
+            member = self._members.get(roles.get(name, name))
+            if member is not None:
+                names[name] = f"key {member.key!r}"
+        return names
+
+    @property
+    def input_paths(self) -> tuple[Path, ...]:
+        return (self.path,)
 
     def provenance(self) -> dict[str, Any]:
         """Source kind, file, layout, keys and units used, what the file had, molecules skipped."""
@@ -552,52 +583,24 @@ def _flat_or_none(a: np.ndarray | None) -> np.ndarray | None:
 
 def _scaled(a: np.ndarray, factor: float, dtype: type) -> np.ndarray:
     """``a * factor`` as ``dtype``, computed in float64; no arithmetic when ``factor`` is 1."""
-    if factor == 1.0:
-        return a.astype(dtype, copy=False)
-    return (a.astype(np.float64) * factor).astype(dtype)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow to inf is reported by the screen
+        if factor == 1.0:
+            return a.astype(dtype, copy=False)
+        return (a.astype(np.float64) * factor).astype(dtype)
 
 
-def _atom_bad(per_atom_bad: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """(m,) bool: molecules owning at least one flagged atom; ``per_atom_bad`` is (sum counts,)."""
-    owner = np.repeat(np.arange(counts.shape[0]), counts)
-    out = np.zeros(counts.shape[0], dtype=bool)
-    out[owner[per_atom_bad]] = True
-    return out
-
-
-def _non_finite_atoms(a: np.ndarray, counts: np.ndarray) -> np.ndarray | None:
-    if all_finite(a):
-        return None
-    return _atom_bad(~np.isfinite(a).all(axis=1), counts)
-
-
-def _bad_molecules(raw: _Raw, members: dict[str, _Member]) -> list[tuple[str, str, np.ndarray]]:
-    """(key, reason, (m,) bool) for every failing check, in reporting order; empty when clean.
-
-    Each check first tests the whole chunk at once and only maps failures to molecules when the
-    chunk has some.
-    """
+def _bad_layout(raw: _Raw, members: dict[str, _Member]) -> list[tuple[str, str, np.ndarray]]:
+    """(key, reason, (m,) bool) for molecules whose declared atom count cannot be laid out."""
     flags: list[tuple[str, str, np.ndarray]] = []
 
-    def add(role: str, reason: str, mask: np.ndarray | None) -> None:
-        if mask is not None and mask.any():
+    def add(role: str, reason: str, mask: np.ndarray) -> None:
+        if mask.any():
             flags.append((members[role].key if role in members else role, reason, mask))
 
     n_role = "N" if "N" in members else "Z"
     add(n_role, "no atoms (N < 1)", raw.n_declared < 1)
     if raw.width is not None:
         add(n_role, f"N larger than the padded width {raw.width}", raw.n_declared > raw.width)
-    z = raw.Z
-    if z.shape[0] and (z.min() < 1 or z.max() > MAX_Z):
-        add("Z", f"atomic number outside 1..{MAX_Z}", _atom_bad((z < 1) | (z > MAX_Z), raw.counts))
-    add("R", "non-finite value", _non_finite_atoms(raw.R, raw.counts))
-    if raw.F is not None:
-        add("F", "non-finite value", _non_finite_atoms(raw.F, raw.counts))
-    add("E", "non-finite value", ~np.isfinite(raw.E) if raw.E.dtype.kind == "f" else None)
-    if raw.Q is not None and raw.Q.dtype.kind == "f":
-        finite = np.isfinite(raw.Q)
-        add("Q", "non-finite value", ~finite)
-        add("Q", "fractional total charge", finite & (raw.Q != np.round(raw.Q)))
     return flags
 
 

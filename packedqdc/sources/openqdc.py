@@ -730,6 +730,8 @@ class OpenQDCSource:
         self.energy_type = energy_type
         self.cache_root = resolve_cache_dir(cache_dir)
         self.reader = CacheReader(self.info, find_cache(self.info, self.cache_root))
+        self.name = str(self.reader.path)  # how messages name the input
+        self.input_paths = (self.reader.path,)
         self.n_molecules = self.reader.n_molecules
         self.has_forces = self.method.has_forces
         self.subset = _select_subset(self.reader, subset)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,28 @@ LAYOUTS = ("packed", "padded")
 ORDERS = ("auto", "molecule", "block")  # the loader's (packedqdc.loader.ORDERS)
 LOSSES = ("mae", "mse")
 LR_SCHEDULES = ("exponential", "plateau")
+#: A run name is one plain directory name, so that a run stays inside its runs directory.
+RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+=@-]*")
+
+
+def option(default: Any, panel: str, help: str, *, cli: str | None = None, choices: tuple[str, ...] | None = None,
+           on_resume: bool = False) -> Any:
+    """A ``TrainConfig`` field with what ``packedqdc train`` needs to offer it as a flag.
+
+    ``panel`` groups the flag in ``--help``; ``help`` says what it means (without the default,
+    which the CLI shows); ``cli="path"`` takes a path; ``choices`` lists the accepted strings;
+    ``on_resume`` marks the options a resumed run takes from the command line (all others come
+    from the run's saved configuration).
+    """
+    meta = {"panel": panel, "help": help, "cli": cli, "choices": choices, "on_resume": on_resume}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def check_run_name(name: str) -> None:
+    """ConfigError unless ``name`` is a plain directory name (no path separators, not ``..``)."""
+    if not RUN_NAME.fullmatch(name) or len(name) > 200:
+        raise ConfigError(f"--name {name!r}: a run name is one directory name of letters, digits and "
+                          "'._+=@-' (no '/', not starting with '.' or '-'); put runs elsewhere with --runs-dir")
 
 
 @dataclass(frozen=True)
@@ -32,9 +56,7 @@ class TrainConfig:
     Data: ``data_path`` (packed directory; None means the bundled sample, packed into a cache),
     ``valid_fraction`` of molecules held out (seeded shuffle), ``layout`` of the batches,
     ``batch_size`` molecules per batch, ``num_atoms`` (largest molecule allowed; the padded layout
-    pads every molecule to it), ``bucket_size`` (loader shuffle buckets), ``order`` of each epoch
-    ("molecule", "block", or "auto": a new run saves the order auto chose), ``loader_threads``
-    (threads that assemble a batch; they do not change the batches).
+    pads every molecule to it), ``bucket_size`` (loader shuffle buckets).
 
     Model (PhysNet): ``features``, ``num_iterations`` (modules), ``num_basis`` (radial functions),
     ``cutoff`` (Å), ``electrostatics`` (None: on iff the training data has charged molecules).
@@ -50,41 +72,54 @@ class TrainConfig:
     Run: ``name`` under ``runs_dir``, ``num_epochs``, ``seed``, ``max_time`` (s, None: no limit).
     """
 
-    data_path: str | None = None
-    name: str | None = None
-    runs_dir: str = "runs"
-    batch_size: int = 32
-    num_epochs: int = 100
-    learning_rate: float = 1e-3
-    num_atoms: int = 60
-    bucket_size: int = 8192
-    layout: str = "packed"
-    valid_fraction: float = 0.1
-    seed: int = 0
-    features: int = 128
-    num_iterations: int = 3
-    num_basis: int = 64
-    cutoff: float = 5.0
-    electrostatics: bool | None = None
-    loss: str = "mae"
-    energy_weight: float = 1.0
-    forces_weight: float = PHYSNET_FORCES_WEIGHT
-    charge_weight: float = PHYSNET_CHARGE_WEIGHT
-    nh_weight: float = 0.01
-    lr_schedule: str = "exponential"
-    decay_rate: float = 0.1
-    decay_steps: int = 10_000_000
-    plateau_patience: int = 5
-    plateau_factor: float = 0.5
-    plateau_min_scale: float = 0.01
-    b1: float = 0.9
-    b2: float = 0.99
-    eps: float = 1e-3
-    clip_norm: float = 1000.0
-    ema_decay: float = 0.999
-    max_time: float | None = None
-    loader_threads: int = 2
-    order: str = "auto"
+    data_path: str | None = option(
+        None, "Data", "Packed directory [default: the bundled sample, packed into RUNS_DIR/.cache].",
+        cli="path", on_resume=True)
+    name: str | None = option(None, "Run", "Run name: outputs go to RUNS_DIR/NAME [default: physnet-DATE-TIME].",
+                              on_resume=True)
+    runs_dir: str = option("runs", "Run", "Directory of runs.", cli="path", on_resume=True)
+    batch_size: int = option(32, "Data", "Molecules per step over all devices, the global batch "
+                             "(packed layout: on average).")
+    num_epochs: int = option(100, "Run", "Epochs to train in all (also when resuming).", on_resume=True)
+    learning_rate: float = option(1e-3, "Optimiser", "Initial learning rate (AMSGrad).")
+    num_atoms: int = option(60, "Data", "Padded layout: atom slots per molecule (largest molecule allowed).")
+    bucket_size: int = option(8192, "Data", "Padded layout: molecules sorted by size within buckets of this many.")
+    layout: str = option("packed", "Data", "Batch layout.", choices=LAYOUTS)
+    valid_fraction: float = option(0.1, "Data", "Fraction of molecules held out for validation.")
+    seed: int = option(0, "Run", "Seed of the split, the epoch order and the initial weights.")
+    features: int = option(128, "Model", "PhysNet feature width.")
+    num_iterations: int = option(3, "Model", "PhysNet modules (interaction + output blocks).")
+    num_basis: int = option(64, "Model", "Radial basis functions.")
+    cutoff: float = option(5.0, "Model", "Short-range cutoff, Å.")
+    electrostatics: bool | None = option(
+        None, "Model", "Shielded Coulomb energy of the atomic charges [default: on iff the training data has "
+        "charged molecules].")
+    loss: str = option("mae", "Loss", "Error form: mae (PhysNet) or mse.", choices=LOSSES)
+    energy_weight: float = option(1.0, "Loss", "Weight of the energy term.")
+    forces_weight: float = option(PHYSNET_FORCES_WEIGHT, "Loss", "Weight of the forces term (PhysNet's).")
+    charge_weight: float = option(PHYSNET_CHARGE_WEIGHT, "Loss", "Weight of the total-charge term (PhysNet's).")
+    nh_weight: float = option(0.01, "Loss", "Weight of the non-hierarchicality penalty.")
+    lr_schedule: str = option("exponential", "Optimiser", "Learning-rate schedule: exponential (PhysNet) or "
+                              "plateau.", choices=LR_SCHEDULES)
+    decay_rate: float = option(0.1, "Optimiser", "Exponential schedule: factor per --decay-steps.")
+    decay_steps: int = option(10_000_000, "Optimiser", "Exponential schedule: steps per --decay-rate factor.")
+    plateau_patience: int = option(5, "Optimiser", "Plateau schedule: epochs without improvement before a cut.")
+    plateau_factor: float = option(0.5, "Optimiser", "Plateau schedule: factor of each cut.")
+    plateau_min_scale: float = option(0.01, "Optimiser", "Plateau schedule: lowest rate, as a fraction of "
+                                      "--learning-rate.")
+    b1: float = option(0.9, "Optimiser", "AMSGrad β1.")
+    b2: float = option(0.99, "Optimiser", "AMSGrad β2.")
+    eps: float = option(1e-3, "Optimiser", "AMSGrad ε.")
+    clip_norm: float = option(1000.0, "Optimiser", "Global-norm gradient clipping.")
+    ema_decay: float = option(0.999, "Optimiser", "Decay of the weight average (with warm-up).")
+    max_time: float | None = option(None, "Run", "Stop cleanly with a checkpoint after this many seconds "
+                                    "[default: no limit].", on_resume=True)
+    order: str = option("auto", "Data", "Epoch order: molecule (a full shuffle each epoch: data in memory), block "
+                        "(shuffled contiguous blocks mixed in a shuffle buffer: sequential reads, for data larger "
+                        "than memory) or auto (block when the data files exceed half the available memory; the "
+                        "choice is saved).", choices=ORDERS)
+    loader_threads: int = option(2, "Data", "Threads that assemble each batch (packedqdc's own; used only while "
+                                 "faster than one; the batches do not depend on it).", on_resume=True)
 
     def __post_init__(self) -> None:
         checks = [
@@ -109,6 +144,12 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"train config: {message}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"train config: {f.name} must be a finite number, got {value}")
+        if self.name is not None:
+            check_run_name(self.name)
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with ``changes`` applied (validated again)."""

@@ -26,6 +26,7 @@ from .loss import LossWeights
 from .metrics import MetricsCSV, SumAccumulator, summarize
 from .optim import learning_rate, plateau_update
 from .reference import ReferenceEnergies
+from .runlock import RunLock
 from .state import TrainState
 
 
@@ -55,12 +56,15 @@ class BatchStream(Protocol):
 @dataclass
 class Callbacks:
     """Optional hooks: ``epoch_start(epoch, num_steps)``, ``step(n_molecules)``, ``epoch_end(row)``,
-    ``message(text)`` (one-line notes: checkpoints, stops)."""
+    ``message(text)`` (one-line notes: checkpoints, stops), and ``stop_requested()``, polled after
+    every step: a reason it returns (e.g. "interrupted", "terminated" from a signal handler) stops
+    the run at that step boundary with a ``latest`` checkpoint."""
 
     epoch_start: Callable[[int, int], None] | None = None
     step: Callable[[int], None] | None = None
     epoch_end: Callable[[dict[str, Any]], None] | None = None
     message: Callable[[str], None] | None = None
+    stop_requested: Callable[[], str | None] | None = None
 
     def note(self, text: str) -> None:
         if self.message is not None:
@@ -92,18 +96,20 @@ class Trainer:
     put: Callable[[Mapping[str, np.ndarray]], Any] = jax.device_put
     place_state: Callable[[TrainState], TrainState] = jax.device_put
     extra_meta: dict[str, Any] = field(default_factory=dict)
+    lock: RunLock | None = None
 
     @property
     def metrics_csv(self) -> MetricsCSV:
         return MetricsCSV(self.run_dir / "metrics.csv")
 
-    def meta(self, reason: str, epoch_complete: bool) -> dict[str, Any]:
-        """The JSON item stored with each checkpoint."""
+    def meta(self, reason: str, epoch_complete: bool, loader: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The JSON item stored with each checkpoint; ``loader``: the position to store (default: the
+        stream's own)."""
         return {
             "config": self.cfg.to_dict(),
             "model": self.model.return_attributes(),
             "reference": self.reference.to_dict(),
-            "loader": self.train_data.state(),
+            "loader": dict(self.train_data.state() if loader is None else loader),
             "epoch": int(self.state.epoch),
             "step": int(self.state.step),
             "epoch_complete": epoch_complete,
@@ -113,13 +119,29 @@ class Trainer:
             **self.extra_meta,
         }
 
-    def save(self, kind: str, reason: str, epoch_complete: bool) -> None:
-        self.checkpoints.save(kind, self.state, self.meta(reason, epoch_complete))
+    def save(self, kind: str, reason: str, epoch_complete: bool, loader: Mapping[str, Any] | None = None) -> None:
+        """Write the ``kind`` checkpoint; TrainingError (nothing written) if the weights are not finite."""
+        if not _finite_tree(self.state.params):
+            raise TrainingError(f"the weights became non-finite by step {int(self.state.step)} (learning rate "
+                                f"too high?); the {reason} checkpoint was not written, the last good one is "
+                                f"kept in {self.checkpoints.root}")
+        self.checkpoints.save(kind, self.state, self.meta(reason, epoch_complete, loader))
+
+    def close(self) -> None:
+        """Close the checkpoint managers and release the run's lock."""
+        self.checkpoints.close()
+        if self.lock is not None:
+            self.lock.release()
+
+
+def _finite_tree(tree: Any) -> bool:
+    return all(bool(jax.numpy.isfinite(leaf).all()) for leaf in jax.tree.leaves(tree))
 
 
 @dataclass(frozen=True)
 class FitResult:
-    """How ``fit`` ended: ``reason`` is "completed", "max_time" or "interrupted"."""
+    """How ``fit`` ended: ``reason`` is "completed", "max_time", or a reason ``stop_requested`` gave
+    ("interrupted", "terminated")."""
 
     reason: str
     epoch: int
@@ -128,11 +150,15 @@ class FitResult:
 
 
 def evaluate_stream(eval_step: Callable[[Any, Any], dict[str, jax.Array]], params: Any,
-                    stream: BatchStream, put: Callable[[Mapping[str, np.ndarray]], Any]) -> dict[str, float]:
-    """Accumulated error sums of ``params`` over one full epoch of ``stream`` (float64 totals)."""
+                    stream: BatchStream, put: Callable[[Mapping[str, np.ndarray]], Any],
+                    on_batch: Callable[[dict[str, np.ndarray], np.ndarray], None] | None = None) -> dict[str, float]:
+    """Accumulated error sums of ``params`` over one full epoch of ``stream`` (float64 totals);
+    ``on_batch(global_batch, mol_idx)`` sees each host batch as it goes to the devices."""
     acc = SumAccumulator()
     pending = []
-    for global_batch, _ in stream.epoch():
+    for global_batch, mol_idx in stream.epoch():
+        if on_batch is not None:
+            on_batch(global_batch, mol_idx)
         pending.append(eval_step(params, put(global_batch)))
     for sums in jax.device_get(pending):
         acc.add(sums)
@@ -143,9 +169,9 @@ def _check_finite(sums: Mapping[str, Any], trainer: Trainer, epoch: int, step: i
     loss = float(sums["loss"])
     if math.isfinite(loss):
         return
-    kept = trainer.checkpoints.latest_step("latest")
-    where = (f"last good checkpoint kept: {trainer.checkpoints.root / 'latest'} (step {kept})"
-             if kept is not None else "no checkpoint was written before it")
+    kept = trainer.checkpoints.latest_step("latest") is not None
+    where = (f"last good checkpoint kept in {trainer.checkpoints.root / 'latest'}" if kept
+             else "no checkpoint was written before it")
     first = ", ".join(str(int(i)) for i in mol_idx[:8])
     raise TrainingError(
         f"non-finite training loss ({loss}) at epoch {epoch + 1}, step {step}, in a batch of molecules "
@@ -153,14 +179,22 @@ def _check_finite(sums: Mapping[str, Any], trainer: Trainer, epoch: int, step: i
     )
 
 
+STOP_NOTES = {
+    "max_time": "--max-time reached",
+    "interrupted": "interrupted",
+    "terminated": "terminated (SIGTERM)",
+}
+
+
 def fit(trainer: Trainer, callbacks: Callbacks | None = None) -> FitResult:
     """Train from ``trainer.state`` to ``cfg.num_epochs`` epochs (or ``cfg.max_time`` seconds).
 
     After every epoch: validation with the EMA weights, a ``metrics.csv`` row, the ``latest``
-    checkpoint, and ``best`` when the valid loss improved. On ``max_time`` the loop stops at a step
-    boundary and writes ``latest`` mid-epoch; on Ctrl-C it writes ``latest`` (if the state is
-    finite) and re-raises KeyboardInterrupt. A non-finite loss raises TrainingError without
-    writing anything, so the last good checkpoint stays.
+    checkpoint, and ``best`` when the valid loss improved. ``max_time`` and ``callbacks.stop_requested``
+    stop the loop at a step boundary and write ``latest`` mid-epoch (``FitResult.reason`` says
+    which). A KeyboardInterrupt raised inside a step (Ctrl-C without a handler) writes ``latest`` at
+    the last completed step, with the loader position of that step, and is re-raised. A non-finite
+    loss raises TrainingError without writing anything, so the last good checkpoint stays.
     """
     cb = callbacks or Callbacks()
     cfg = trainer.cfg
@@ -168,44 +202,64 @@ def fit(trainer: Trainer, callbacks: Callbacks | None = None) -> FitResult:
     epoch = int(trainer.state.epoch)
     acc = SumAccumulator()
     pending: tuple[dict[str, jax.Array], np.ndarray, int] | None = None
+    resume_point = trainer.train_data.state()  # loader position matching trainer.state
     try:
         while epoch < cfg.num_epochs:
             if cb.epoch_start is not None:
                 cb.epoch_start(epoch, trainer.train_data.num_steps())
             acc = SumAccumulator()
             epoch_start = time.monotonic()
-            stopped = False
+            stop = None
             for global_batch, mol_idx in trainer.train_data.epoch():
                 new_state, sums = trainer.train_step(trainer.state, trainer.put(global_batch))
                 if pending is not None:  # read the previous step's sums while this one runs
                     _consume(pending, trainer, epoch, acc, cb)
                 pending = (sums, mol_idx, int(trainer.state.step))
                 trainer.state = new_state
-                if cfg.max_time is not None and time.monotonic() - start >= cfg.max_time:
-                    stopped = True
+                resume_point = trainer.train_data.state()
+                stop = _stop_reason(cfg, start, cb)
+                if stop is not None:
                     break
             if pending is not None:
                 _consume(pending, trainer, epoch, acc, cb)
                 pending = None
-            if stopped:
-                trainer.save("latest", "max_time", epoch_complete=False)
-                cb.note(f"--max-time reached: stopped at epoch {epoch + 1}, step {int(trainer.state.step)}; "
-                        f"checkpoint written (resume with --resume)")
-                return FitResult("max_time", epoch, int(trainer.state.step), trainer.best_valid_loss)
+            if stop is not None:
+                trainer.save("latest", stop, epoch_complete=False, loader=resume_point)
+                cb.note(f"{STOP_NOTES.get(stop, stop)}: stopped at epoch {epoch + 1}, step "
+                        f"{int(trainer.state.step)}; checkpoint written (resume with --resume)")
+                return FitResult(stop, epoch, int(trainer.state.step), trainer.best_valid_loss)
             row = _end_epoch(trainer, epoch, acc, time.monotonic() - epoch_start)
+            resume_point = trainer.train_data.state()
             if cb.epoch_end is not None:
                 cb.epoch_end(row)
             epoch += 1
+            stop = _stop_reason(cfg, start, cb) if epoch < cfg.num_epochs else None
+            if stop is not None:  # the epoch's checkpoint is already written
+                cb.note(f"{STOP_NOTES.get(stop, stop)}: stopped after epoch {epoch}; checkpoint written "
+                        f"(resume with --resume)")
+                return FitResult(stop, epoch, int(trainer.state.step), trainer.best_valid_loss)
     except KeyboardInterrupt:
         if pending is not None:
             try:
                 _consume(pending, trainer, epoch, acc, cb)
             except TrainingError:
                 raise KeyboardInterrupt from None
-        trainer.save("latest", "interrupted", epoch_complete=False)
+        if int(trainer.state.epoch) != int(resume_point["epoch"]):  # stopped inside _end_epoch, after
+            resume_point = {**resume_point, "epoch": int(trainer.state.epoch), "position": 0}  # its update
+        trainer.save("latest", "interrupted", epoch_complete=False, loader=resume_point)
         cb.note(f"interrupted: checkpoint written at step {int(trainer.state.step)} (resume with --resume)")
         raise
     return FitResult("completed", epoch, int(trainer.state.step), trainer.best_valid_loss)
+
+
+def _stop_reason(cfg: TrainConfig, start: float, cb: Callbacks) -> str | None:
+    if cb.stop_requested is not None:
+        reason = cb.stop_requested()
+        if reason is not None:
+            return reason
+    if cfg.max_time is not None and time.monotonic() - start >= cfg.max_time:
+        return "max_time"
+    return None
 
 
 def _consume(pending: tuple[dict[str, jax.Array], np.ndarray, int], trainer: Trainer, epoch: int,

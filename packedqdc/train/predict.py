@@ -78,7 +78,7 @@ def load_run_state(run_dir: str | Path, which: str = "best"
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ConfigError(f"{run_dir}: run directory does not exist")
-    checkpoints = RunCheckpoints(run_dir)
+    checkpoints = RunCheckpoints(run_dir, read_only=True)
     try:
         if checkpoints.latest_step(which) is None:
             raise TrainingError(f"{run_dir}: no '{which}' checkpoint (has an epoch completed?)")

@@ -12,9 +12,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ..elements import MAX_Z
-from ..errors import SourceError
-from ..format import E_FILE, PackedDataset
+from ..elements import MAX_Z, symbol
+from ..errors import ConfigError, SourceError
+from ..format import E_FILE, Z_FILE, PackedDataset
 
 NUM_ROWS = MAX_Z + 1  # rows of the element table: index 0 (padding) is always 0
 
@@ -28,12 +28,33 @@ class ReferenceEnergies:
         charge_coef: float, kcal/mol per e of total charge.
         per_atom_mean, per_atom_std: mean and std of the residual ``(E - reference) / N`` over the
             fitted molecules, kcal/mol per atom (PhysNet's initial energy shift and scale).
+        elements: sorted atomic numbers present in the fitted (training) molecules: the elements
+            the model has learned. A model knows nothing of any other element.
     """
 
     table: np.ndarray
     charge_coef: float
     per_atom_mean: float
     per_atom_std: float
+    elements: tuple[int, ...] = ()
+
+    def unknown_elements(self, Z: np.ndarray) -> np.ndarray:
+        """Sorted atomic numbers in ``Z`` (any shape; 0 is padding and ignored) the model never saw."""
+        present = np.unique(np.asarray(Z))
+        present = present[present != 0]
+        return present[~np.isin(present, np.asarray(self.elements, dtype=present.dtype))]
+
+    def check_elements(self, Z: np.ndarray, where: str) -> None:
+        """Raise ConfigError naming ``where`` if ``Z`` holds an element outside ``elements``.
+
+        A model's energy for an unseen element is its untrained embedding plus a zero reference
+        energy: numbers with no meaning, so predicting them is refused rather than reported.
+        """
+        unknown = self.unknown_elements(Z)
+        if unknown.size:
+            names = ", ".join(symbol(int(z)) for z in unknown)
+            known = ", ".join(symbol(z) for z in self.elements)
+            raise ConfigError(f"{where}: element(s) {names} not in the model's training data (it knows {known})")
 
     def molecule_energies(self, Z: np.ndarray, segments: np.ndarray, Qtot: np.ndarray) -> np.ndarray:
         """Reference energy of each molecule slot, float64 (M,), kcal/mol.
@@ -55,12 +76,18 @@ class ReferenceEnergies:
             "charge_coef": float(self.charge_coef),
             "per_atom_mean": float(self.per_atom_mean),
             "per_atom_std": float(self.per_atom_std),
+            "elements": [int(z) for z in self.elements],
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ReferenceEnergies:
+        table = np.asarray(data["table"], dtype=np.float64)
+        # runs saved before ``elements`` was recorded: the fit gives every seen element a
+        # non-zero energy (an exact 0.0 from least squares on real data does not happen)
+        elements = data.get("elements", np.flatnonzero(table).tolist())
         return cls(
-            table=np.asarray(data["table"], dtype=np.float64),
+            table=table,
+            elements=tuple(int(z) for z in elements),
             charge_coef=float(data["charge_coef"]),
             per_atom_mean=float(data["per_atom_mean"]),
             per_atom_std=float(data["per_atom_std"]),
@@ -80,7 +107,11 @@ def _blocks(data: PackedDataset, selected: np.ndarray, block: int
         a0, a1 = int(data.offsets[lo]), int(data.offsets[hi])
         n_atoms = np.asarray(data.n_atoms[lo:hi], dtype=np.int64)
         mol = np.repeat(np.arange(hi - lo), n_atoms)
-        Z = np.clip(np.asarray(data.Z[a0:a1], dtype=np.int64), 0, MAX_Z)
+        Z = np.asarray(data.Z[a0:a1], dtype=np.int64)
+        if Z.size and (Z.min() < 1 or Z.max() > MAX_Z):  # the embedding would clip it silently
+            atom = int(np.flatnonzero((Z < 1) | (Z > MAX_Z))[0])
+            raise SourceError(f"{data.path / Z_FILE}: molecule {lo + int(mol[atom])}: atomic number "
+                              f"{int(Z[atom])} outside 1..{MAX_Z}")
         counts = np.bincount(mol * NUM_ROWS + Z, minlength=(hi - lo) * NUM_ROWS)
         counts = counts.reshape(hi - lo, NUM_ROWS).astype(np.float64)
         qtot = np.zeros(hi - lo) if data.Qtot is None else np.asarray(data.Qtot[lo:hi], dtype=np.float64)
@@ -119,6 +150,7 @@ def fit_reference_energies(data: PackedDataset, indices: np.ndarray, block: int 
         coef[active] = solution / scale
     table, charge_coef = coef[:NUM_ROWS], float(coef[NUM_ROWS])
     table[0] = 0.0
+    elements = tuple(int(z) for z in np.flatnonzero(np.diag(xtx)[:NUM_ROWS] > 0) if z > 0)
 
     total, total_sq, count = 0.0, 0.0, 0
     for counts, qtot, energies, n_atoms in _blocks(data, selected, block):
@@ -128,4 +160,6 @@ def fit_reference_energies(data: PackedDataset, indices: np.ndarray, block: int 
         count += residual.shape[0]
     mean = total / max(count, 1)
     std = float(np.sqrt(max(total_sq / max(count, 1) - mean * mean, 0.0)))
-    return ReferenceEnergies(table=table, charge_coef=charge_coef, per_atom_mean=mean, per_atom_std=std)
+    return ReferenceEnergies(table=table, charge_coef=charge_coef, per_atom_mean=mean, per_atom_std=std,
+                             elements=elements)
+

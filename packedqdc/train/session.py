@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import jax
 import numpy as np
 
 from ..errors import ConfigError, TargetExistsError
+from ..format import E_FILE, OFFSETS, Z_FILE, PackedDataset, open_packed, sha256_file
 from ..loader import PackedMemmapLoader
 from ..model.physnet import PhysNet, init_params
 from ..parallel import Placement, check_device_count, is_main_process, main_first, make_placement, sync
@@ -27,10 +29,13 @@ from .data import LoaderStream, default_data_path, split
 from .loop import Trainer
 from .optim import make_optimizer
 from .reference import ReferenceEnergies, fit_reference_energies
+from .runlock import LOCK_FILE, RunLock
 from .state import TrainState, create_state
 from .step import loss_weights, make_eval_step, make_train_step
 
 CONFIG_FILE = "config.json"
+#: files whose sha256 (from meta.json) identify a dataset when a run is resumed on a copy
+IDENTITY_FILES = (OFFSETS, Z_FILE, E_FILE)
 
 
 def run_name(cfg: TrainConfig) -> str:
@@ -77,14 +82,16 @@ def _streams(cfg: TrainConfig, loaders: tuple[PackedMemmapLoader, PackedMemmapLo
 
 def _assemble(cfg: TrainConfig, run_dir: Path, model: PhysNet, reference: ReferenceEnergies,
               state: TrainState, streams: tuple[LoaderStream, LoaderStream], has_forces: bool,
-              placement: Placement) -> Trainer:
+              placement: Placement, dataset: dict[str, Any], lock: RunLock | None,
+              checkpoints: RunCheckpoints | None = None) -> Trainer:
     weights = loss_weights(cfg, has_forces)
     return Trainer(cfg=cfg, run_dir=run_dir, model=model, reference=reference, weights=weights,
                    state=placement.replicate(state), train_data=streams[0], valid_data=streams[1],
                    train_step=placement.jit(make_train_step(model, cfg, weights)),
-                   eval_step=placement.jit(make_eval_step(model, weights)), checkpoints=RunCheckpoints(run_dir),
+                   eval_step=placement.jit(make_eval_step(model, weights)),
+                   checkpoints=checkpoints or RunCheckpoints(run_dir),
                    has_forces=has_forces, put=_placed, place_state=placement.replicate,
-                   extra_meta=dict(placement.layout))
+                   extra_meta={**placement.layout, "dataset": dataset}, lock=lock)
 
 
 def _placed(global_batch: Any) -> Any:
@@ -103,24 +110,88 @@ def initial_state(cfg: TrainConfig, model: PhysNet, stream: LoaderStream) -> Tra
     return create_state(params, make_optimizer(cfg), state_key)
 
 
+def dataset_identity(data: PackedDataset) -> dict[str, Any]:
+    """What identifies a dataset for resuming: its counts and the sha256 of its index, Z and E
+    files as its meta.json records them (none for a directory without meta.json)."""
+    sums = (data.meta or {}).get("sha256") or {}
+    return {"n_molecules": data.n_molecules, "n_atoms_total": data.n_atoms_total,
+            "sha256": {name: sums[name] for name in IDENTITY_FILES if name in sums}}
+
+
+def check_same_dataset(saved: dict[str, Any] | None, data_path: Path) -> None:
+    """ConfigError unless ``data_path`` holds the dataset ``saved`` (a ``dataset_identity``) describes.
+
+    Counts must agree, and every sha256 the run recorded must match the new directory's (from its
+    meta.json, else computed from the files).
+    """
+    data = open_packed(data_path)
+    if saved is None:  # a run from before identities were recorded: the counts are all we can say
+        return
+    now = dataset_identity(data)
+    for key in ("n_molecules", "n_atoms_total"):
+        if saved.get(key) != now[key]:
+            raise ConfigError(f"{data_path}: not the dataset this run trained on ({key} {now[key]}, "
+                              f"the run's had {saved.get(key)}); resume only with the same data")
+    for name, digest in saved.get("sha256", {}).items():
+        actual = now["sha256"].get(name) or sha256_file(data.path / name)
+        if actual != digest:
+            raise ConfigError(f"{data_path}: not the dataset this run trained on ({name} differs); "
+                              "resume only with the same data")
+
+
+def _make_run_dir(run_dir: Path) -> RunLock | None:
+    """Create ``run_dir`` (exclusively: two runs of one name cannot both start) and lock it, on
+    process 0; the other processes of a job wait for it."""
+    lock = None
+    if is_main_process():
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            run_dir.mkdir()
+        except FileExistsError:
+            raise TargetExistsError(f"{run_dir}: run already exists; pass --resume to continue it or "
+                                    "choose another --name") from None
+        lock = RunLock(run_dir)
+    sync("packedqdc-run-dir")
+    return lock
+
+
+def _remove_unstarted(run_dir: Path, lock: RunLock | None) -> None:
+    """Undo ``_make_run_dir`` when set-up failed before anything was written into the run."""
+    if lock is None:
+        return
+    lock.release()
+    if {p.name for p in run_dir.iterdir()} <= {LOCK_FILE}:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
 def start_run(cfg: TrainConfig, placement: Placement | None = None) -> Trainer:
     """A new run in ``cfg.runs_dir / name``; TargetExistsError if that directory exists.
 
+    Paths are stored absolute, so the run can be resumed and evaluated from any directory.
     ``placement`` (default: one device) says where the run trains (``packedqdc.parallel``); in a
     multi-process job every process calls this with the same ``cfg`` (and an explicit ``name``).
     """
     placement = placement or make_placement(1)
-    name = run_name(cfg)
-    cfg = cfg.replace(name=name)
-    run_dir = Path(cfg.runs_dir) / name
+    runs_dir = Path(cfg.runs_dir).absolute()
+    cfg = cfg.replace(name=run_name(cfg), runs_dir=str(runs_dir))
+    run_dir = runs_dir / cfg.name
     exists = run_dir.exists()
     sync("packedqdc-start-run")  # every process looks before process 0 creates it
     if exists:
         raise TargetExistsError(f"{run_dir}: run already exists; pass --resume to continue it or choose another --name")
+    lock = _make_run_dir(run_dir)
+    try:
+        return _start(cfg, run_dir, placement, lock)
+    except BaseException:
+        _remove_unstarted(run_dir, lock)
+        raise
+
+
+def _start(cfg: TrainConfig, run_dir: Path, placement: Placement, lock: RunLock | None) -> Trainer:
     data_path = Path(cfg.data_path) if cfg.data_path else main_first(lambda: default_data_path(cfg.runs_dir))
     if not data_path.exists():
         raise ConfigError(f"{data_path}: --data-path does not exist")
-    cfg = cfg.replace(data_path=str(data_path))
+    cfg = cfg.replace(data_path=str(data_path.absolute()))
     loaders = _loaders(cfg)
     cfg = cfg.replace(order=loaders[0].order)  # what "auto" chose: a resumed run keeps it
     ds, train_idx = loaders[0].dataset, loaders[0].indices
@@ -132,32 +203,54 @@ def start_run(cfg: TrainConfig, placement: Placement | None = None) -> Trainer:
     streams = _streams(cfg, loaders, reference, placement)
     state = initial_state(cfg, model, streams[0])
     if is_main_process():
-        run_dir.mkdir(parents=True)
         cfg.save(run_dir / CONFIG_FILE)
-    sync("packedqdc-run-dir")
-    return _assemble(cfg, run_dir, model, reference, state, streams, ds.F is not None, placement)
+    sync("packedqdc-config")
+    return _assemble(cfg, run_dir, model, reference, state, streams, ds.F is not None, placement,
+                     dataset_identity(ds), lock)
 
 
 def resume_run(run_dir: str | Path, *, num_epochs: int | None = None, max_time: float | None = None,
-               placement: Placement | None = None) -> Trainer:
+               data_path: str | Path | None = None, placement: Placement | None = None) -> Trainer:
     """Continue ``run_dir`` from its ``latest`` checkpoint; ``num_epochs``/``max_time`` may change.
 
-    ``placement`` (default: one device) must have the devices and processes the run had.
+    ``data_path`` points the run at a copy of its dataset (moved, or on another machine): it must
+    hold the same molecules (``check_same_dataset``). ``placement`` (default: one device) must have
+    the devices and processes the run had.
     """
     placement = placement or make_placement(1)
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).absolute()
+    lock = RunLock(run_dir) if is_main_process() else None
+    try:
+        return _resume(run_dir, num_epochs, max_time, data_path, placement, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _resume(run_dir: Path, num_epochs: int | None, max_time: float | None, data_path: str | Path | None,
+            placement: Placement, lock: RunLock | None) -> Trainer:
     checkpoints = RunCheckpoints(run_dir)
     meta = checkpoints.read_meta("latest")
     check_device_count(meta, placement, run=str(run_dir))
-    cfg = TrainConfig.from_dict(meta["config"])
-    cfg = cfg.replace(num_epochs=cfg.num_epochs if num_epochs is None else num_epochs, max_time=max_time)
+    cfg = TrainConfig.from_dict({"order": "molecule", **meta["config"]})  # runs saved before --order: molecule
+    cfg = cfg.replace(num_epochs=cfg.num_epochs if num_epochs is None else num_epochs, max_time=max_time,
+                      runs_dir=str(run_dir.parent), name=run_dir.name)
+    if data_path is not None:
+        check_same_dataset(meta.get("dataset"), Path(data_path))
+        cfg = cfg.replace(data_path=str(Path(data_path).absolute()))
+    elif not Path(cfg.data_path).exists():
+        raise ConfigError(f"{cfg.data_path}: the run's dataset is not there (moved or deleted?); "
+                          "pass --data-path to a copy of it")
     reference = ReferenceEnergies.from_dict(meta["reference"])
     model = build_model(meta["model"])
     streams = _streams(cfg, _loaders(cfg), reference, placement)
     template = placement.replicate(initial_state(cfg, model, streams[0]))
     state, meta = checkpoints.restore("latest", template)
     streams[0].restore(meta["loader"])
-    trainer = _assemble(cfg, run_dir, model, reference, state, streams, bool(meta["has_forces"]), placement)
+    identity = meta.get("dataset") or dataset_identity(streams[0].loader.dataset)
+    trainer = _assemble(cfg, run_dir, model, reference, state, streams, bool(meta["has_forces"]), placement,
+                        identity, lock, checkpoints)
     best = meta.get("best_valid_loss")
     trainer.best_valid_loss = math.inf if best is None else float(best)
     if is_main_process():
