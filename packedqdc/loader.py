@@ -282,7 +282,8 @@ class PackedMemmapLoader:
         return self._budget_cache[cutoff]
 
     def _plan(self, spec: LayoutSpec, epoch: int) -> EpochPlan:
-        key = (spec, epoch, self.seed, self.shuffle, self.batch_size, self.bucket_size, self.order)
+        key = (spec, epoch, self.seed, self.shuffle, self.batch_size, self.bucket_size, self.order, self.block_mib,
+               self.window_blocks)
         if self._plan_cache is not None and self._plan_cache[0] == key:
             return self._plan_cache[1]
         rng = np.random.default_rng([self.seed, epoch]) if self.shuffle else None
