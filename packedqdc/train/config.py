@@ -119,7 +119,7 @@ class TrainConfig:
                         "than memory) or auto (block when the data files exceed half the available memory; the "
                         "choice is saved).", choices=ORDERS)
     loader_threads: int = option(2, "Data", "Threads that assemble each batch (packedqdc's own; used only while "
-                                 "faster than one; the batches do not depend on it).", on_resume=True)
+                                 "faster than one; the batches do not depend on it).")
 
     def __post_init__(self) -> None:
         checks = [
