@@ -2,10 +2,10 @@
 
     python scripts/order_compare.py TRAIN.npz HELD_OUT.npz [--epochs 12] [--seeds 0 1] [--block-mib 0.008]
 
-``TRAIN.npz`` is a PhysNet-style NPZ whose conformers are grouped by molecule (as
-``scripts/make_sample.py`` writes them: all conformers of the first molecule, then the next), the
-worst case for block order: a block holds conformers of one molecule only. Both are packed
-(``pack_npz``); then for every seed a run is trained with ``order="molecule"`` and one with
+``TRAIN.npz`` is a PhysNet-style NPZ with a ``smiles`` array (``scripts/make_sample.py``); its
+conformers are first stored in molecule order (a stable sort by SMILES: all conformers of one
+molecule side by side), the worst case for block order: a block holds conformers of one molecule
+only. Both files are packed (``pack_npz``); then for every seed a run is trained with ``order="molecule"`` and one with
 ``order="block"`` (blocks of ``--block-mib`` MiB, so that the small set has many blocks; windows of
 16 blocks), same configuration otherwise, and the best checkpoint is evaluated on the held-out
 set (``evaluate_run``). Prints energy and force MAE per run, and the spread between seeds.
@@ -17,6 +17,8 @@ import argparse
 import statistics
 import tempfile
 from pathlib import Path
+
+import numpy as np
 
 from packedqdc.pack import pack_npz
 from packedqdc.train import TrainConfig, evaluate_run, fit, start_run
@@ -32,7 +34,12 @@ def main() -> None:
     ap.add_argument("--features", type=int, default=32)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        train = pack_npz(args.train, Path(tmp) / "train").path
+        grouped = Path(tmp) / "grouped.npz"
+        with np.load(args.train) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+        order = np.argsort(arrays["smiles"], kind="stable")
+        np.savez(grouped, **{k: (v[order] if v.ndim and v.shape[0] == order.shape[0] else v) for k, v in arrays.items()})
+        train = pack_npz(grouped, Path(tmp) / "train").path
         held = pack_npz(args.held_out, Path(tmp) / "held").path
         results: dict[str, list[tuple[float, float]]] = {"molecule": [], "block": []}
         for seed in args.seeds:
