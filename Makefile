@@ -1,4 +1,4 @@
-# Quick start:  make demo   (set up .venv, pack the bundled sample, validate, stats, train, evaluate)
+# Quick start:  make demo   (set up .venv, pack the bundled sample, validate, stats, train, evaluate, plot, predict)
 #               make test   (set up .venv with the test extras, run the test suite)
 PYTHON ?= python3.11
 VENV   ?= .venv
@@ -12,7 +12,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install -q --upgrade pip
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install -q -e '.[test,openqdc]'
+	$(BIN)/python -m pip install -q -e '.[test,openqdc,ase,hdf5]'
 	touch $@
 
 venv: $(VENV)/.installed
@@ -28,7 +28,9 @@ demo: venv
 	$(BIN)/packedqdc stats $(DEMO)/sample --bucket-size 8192
 	$(BIN)/packedqdc train --data-path $(DEMO)/sample --runs-dir $(DEMO)/runs --name demo \
 		--features 64 --batch-size 16 --num-epochs 30 --max-time 150
-	$(BIN)/packedqdc evaluate $(DEMO)/runs/demo --data-path $(DEMO)/sample
+	$(BIN)/packedqdc evaluate $(DEMO)/runs/demo --data-path $(DEMO)/sample --plot $(DEMO)/parity.png
+	$(BIN)/packedqdc plot $(DEMO)/runs/demo --output $(DEMO)/curves.png
+	$(BIN)/packedqdc predict $(DEMO)/runs/demo $(DEMO)/sample --output $(DEMO)/predictions.npz
 
 clean:
 	rm -rf $(VENV) $(DEMO) runs .pytest_cache

@@ -23,7 +23,9 @@ _LAZY = {
     "fit": "packedqdc.train",
     "evaluate_run": "packedqdc.train",
     "pack_npz": "packedqdc.pack",
-    "pack_openqdc": "packedqdc.sources.openqdc",
+    "pack_openqdc": "packedqdc.pack",
+    "pack_xyz": "packedqdc.pack",
+    "pack_hdf5": "packedqdc.pack",
     "validate_packed": "packedqdc.validate",
     "dataset_stats": "packedqdc.stats",
 }

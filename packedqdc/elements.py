@@ -1,4 +1,4 @@
-"""Element symbols by atomic number (1..118)."""
+"""Element symbols by atomic number (1..118), and per-molecule element counts."""
 
 from __future__ import annotations
 
@@ -15,9 +15,30 @@ MAX_Z = 118
 assert len(SYMBOLS) == MAX_Z + 1
 
 
+#: chemical symbol -> atomic number
+NUMBERS: dict[str, int] = {s: z for z, s in enumerate(SYMBOLS) if z > 0}
+
+
 def symbol(z: int) -> str:
     """Chemical symbol of atomic number ``z`` (``"X"`` for 0, the padding number)."""
     return SYMBOLS[z] if 0 <= z <= MAX_Z else f"Z{z}"
+
+
+def element_counts(Z: np.ndarray, n_atoms: np.ndarray) -> np.ndarray:
+    """Atoms of each element in each molecule: the one element-count helper of the project.
+
+    Args:
+        Z: (sum n_atoms,) int atomic numbers, molecule after molecule (clipped to 0..MAX_Z).
+        n_atoms: (m,) int atoms per molecule.
+
+    Returns:
+        (m, MAX_Z + 1) float64 counts; column 0 counts padding/unknown atoms.
+    """
+    n_atoms = np.asarray(n_atoms, dtype=np.int64)
+    m, width = n_atoms.shape[0], MAX_Z + 1
+    mol = np.repeat(np.arange(m, dtype=np.int64), n_atoms)
+    z = np.clip(np.asarray(Z, dtype=np.int64), 0, MAX_Z)
+    return np.bincount(mol * width + z, minlength=m * width).reshape(m, width).astype(np.float64)
 
 
 def element_histogram(Z: np.ndarray, block: int = 1 << 24) -> np.ndarray:

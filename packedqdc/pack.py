@@ -1,10 +1,14 @@
-"""Source -> packed directory, streaming, with an optional progress callback (no UI here)."""
+"""Every ``pack_*`` entry point: a source -> a packed directory, streaming, atomically published.
+
+Sources (``packedqdc.sources.*``) only yield ``MoleculeChunk``s and describe their provenance;
+:func:`pack_source` drives one into a ``PackedWriter``. No UI here: progress is a callback.
+"""
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,9 +18,10 @@ from .format import PackedWriter
 from .sources import MoleculeSource
 from .sources.npz import DEFAULT_CHUNK_SIZE, NpzSource
 
-#: called after each chunk with (molecules written so far, molecules in the input); a last call
-#: reports (total, total) once the input is exhausted, so skipped molecules still end at 100 %
-ProgressCallback = Callable[[int, int], None]
+#: called after each chunk with (molecules written so far, molecules in the input, or None while a
+#: streamed input's size is unknown); a last call reports (total, total) once the input is
+#: exhausted, so skipped molecules still end at 100 %
+ProgressCallback = Callable[[int, "int | None"], None]
 
 
 @dataclass(frozen=True)
@@ -73,7 +78,8 @@ def pack_source(
             if progress is not None:
                 progress(writer.stats.n_molecules, source.n_molecules)
         if progress is not None:
-            progress(source.n_molecules, source.n_molecules)
+            total = source.n_molecules if source.n_molecules is not None else writer.stats.n_molecules
+            progress(total, total)
         provenance = source.provenance()
         provenance["skipped_invalid"] = int(provenance.get("skipped_invalid", 0)) + screen.skipped
         if writer.stats.n_molecules == 0:
@@ -124,4 +130,123 @@ def pack_npz(
         return pack_source(source, output, skip_invalid=skip_invalid, force=force, progress=progress)
 
 
-__all__ = ["PackResult", "ProgressCallback", "pack_npz", "pack_source"]
+def pack_openqdc(
+    name: str,
+    output: str | os.PathLike[str],
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    energy_method: int | str = 0,
+    energy_type: str = "total",
+    subset: str | None = None,
+    force: bool = False,
+    progress: ProgressCallback | None = None,
+) -> PackResult:
+    """Pack the OpenQDC dataset ``name`` from its local cache into the directory ``output``.
+
+    Output: E float64 kcal/mol (total, or minus reference energies), R float32 Å, F float32
+    kcal/mol/Å when the method has forces (else absent), Qtot float64 = sum of formal charges,
+    int64 offsets. Molecules whose energy (or packed forces) is NaN are skipped and counted.
+
+    Args:
+        name: dataset class, e.g. ``"Spice"``, ``"QM9"``, ``"ANI1X"`` (case-insensitive).
+        output: packed directory to create (atomically).
+        cache_dir: cache root; default ``$OPENQDC_CACHE_DIR`` or ``~/.cache/openqdc``.
+        energy_method: index, method string or target name of the level of theory.
+        energy_type: ``total``, ``formation`` (tabulated isolated-atom E0, charge-aware) or
+            ``regression`` (fitted per-element E0).
+        subset: keep only this subset (name as stored in the cache).
+        force: replace ``output`` if it exists.
+        progress: called as ``progress(done, total)``; a regression fit counts as a first pass.
+
+    Raises:
+        ConfigError: openqdc missing, unknown dataset/method/subset/energy type.
+        CacheMissingError: the cache is not on disk (nothing is created).
+        SourceError: malformed cache, or no molecule left.
+        TargetExistsError: ``output`` exists and ``force`` is false.
+    """
+    from .sources.openqdc import OpenQDCSource
+
+    report = progress or _no_progress
+    source = OpenQDCSource(
+        name, cache_dir=cache_dir, energy_method=energy_method, energy_type=energy_type, subset=subset
+    )
+    n = source.n_molecules
+    passes = 2 if source.needs_fit else 1
+    source.prepare(lambda done, _total: report(done, passes * n))
+    return pack_source(source, output, force=force, progress=lambda done, _total: report((passes - 1) * n + done, passes * n))
+
+
+def pack_xyz(
+    files: Sequence[str | os.PathLike[str]],
+    output: str | os.PathLike[str],
+    *,
+    energy_key: str | None = None,
+    forces_key: str | None = None,
+    charge_key: str | None = None,
+    energy_unit: str = "eV",
+    length_unit: str = "Ang",
+    skip_invalid: bool = False,
+    parser: str = "auto",
+    force: bool = False,
+    progress: ProgressCallback | None = None,
+) -> PackResult:
+    """Pack extended XYZ files (ASE's writer, MACE, NequIP, rMD17 ...) into the directory ``output``.
+
+    Energies go from ``energy_unit`` (default eV) to kcal/mol, positions from ``length_unit``
+    (default Å) to Å, forces to kcal/mol/Å. See :class:`packedqdc.sources.xyz.XyzSource` for the
+    keys read, the frames refused and the fast parser (needs the ``ase`` extra).
+    """
+    from .sources.xyz import XyzSource
+
+    source = XyzSource(
+        files,
+        energy_key=energy_key,
+        forces_key=forces_key,
+        charge_key=charge_key,
+        energy_unit=energy_unit,
+        length_unit=length_unit,
+        skip_invalid=skip_invalid,
+        parser=parser,
+    )
+    return pack_source(source, output, skip_invalid=skip_invalid, force=force, progress=progress)
+
+
+def pack_hdf5(
+    input: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    *,
+    layout: str,
+    energy_key: str | None = None,
+    forces_key: str | None = None,
+    energy_unit: str | None = None,
+    length_unit: str | None = None,
+    skip_invalid: bool = False,
+    force: bool = False,
+    progress: ProgressCallback | None = None,
+) -> PackResult:
+    """Pack an HDF5 file in SPICE's (``layout="spice"``) or ANI-1x's (``"ani"``) layout.
+
+    Energies go to kcal/mol, positions to Å, forces (the negated gradient for SPICE) to
+    kcal/mol/Å; SPICE's total charges come from each group's SMILES. Conformers with a NaN energy
+    or NaN forces are skipped and counted. See :class:`packedqdc.sources.hdf5.Hdf5Source` (needs
+    the ``hdf5`` extra).
+    """
+    from .sources.hdf5 import Hdf5Source
+
+    with Hdf5Source(
+        input,
+        layout=layout,
+        energy_key=energy_key,
+        forces_key=forces_key,
+        energy_unit=energy_unit,
+        length_unit=length_unit,
+        skip_invalid=skip_invalid,
+    ) as source:
+        return pack_source(source, output, skip_invalid=skip_invalid, force=force, progress=progress)
+
+
+def _no_progress(done: int, total: int | None) -> None:
+    """Default progress callback: report nothing."""
+
+
+__all__ = ["PackResult", "ProgressCallback", "pack_hdf5", "pack_npz", "pack_openqdc", "pack_source", "pack_xyz"]

@@ -45,3 +45,18 @@ def packed_dir(tmp_path: Path, make_padded: PaddedFactory) -> Path:
 def sample_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The bundled sample (504 xTB conformers with forces and charges), packed once per session."""
     return pack_npz(SAMPLE_NPZ, tmp_path_factory.mktemp("data") / "sample").path
+
+
+@pytest.fixture(scope="session")
+def trained_run(sample_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny PhysNet (features 16, 2 modules) trained 30 epochs on the sample (padded layout: one
+    compiled train shape): the run directory. Shared by the calculator, predict and plot tests."""
+    from packedqdc.train import TrainConfig, fit, start_run
+
+    runs = tmp_path_factory.mktemp("runs")
+    trainer = start_run(TrainConfig(data_path=str(sample_dir), runs_dir=str(runs), name="tiny", num_epochs=30,
+                                    features=16, num_iterations=2, num_basis=16, batch_size=16, layout="padded", num_atoms=15,
+                                    learning_rate=3e-3, valid_fraction=0.2))
+    fit(trainer)
+    trainer.close()
+    return trainer.run_dir

@@ -22,7 +22,8 @@ from typer.testing import CliRunner  # noqa: E402
 
 from packedqdc.cli import app  # noqa: E402
 from packedqdc.format import open_packed  # noqa: E402
-from packedqdc.sources.openqdc import pack_openqdc, resolve_dataset  # noqa: E402
+from packedqdc.pack import pack_openqdc  # noqa: E402
+from packedqdc.sources.openqdc import resolve_dataset  # noqa: E402
 
 # formal charges (per element) that openqdc tabulates for Spice's method, so formation works
 CHARGES = {1: (0, 1), 6: (0, -1, 1), 7: (0, 1, -1), 8: (0, -1, 1)}
@@ -224,3 +225,39 @@ def test_missing_openqdc_one_line_hint(tmp_path: Path, monkeypatch: pytest.Monke
     assert result.output.strip().splitlines() == [
         "Error: pack openqdc needs the openqdc package (openqdc.datasets missing): pip install 'packedqdc[openqdc]'"
     ]
+
+
+class _RunsShell:
+    """Pickles as a call of ``os.system(command)``: what a crafted cache file would hold."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self) -> tuple:
+        import os
+
+        return (os.system, (self.command,))
+
+
+@pytest.mark.parametrize("which", ["props", "regression"])
+def test_crafted_pickle_refused_without_running(tmp_path: Path, which: str) -> None:
+    import pickle
+
+    root = write_cache(tmp_path / "cache", "Spice")
+    marker = tmp_path / "pwned"
+    preprocessed = root / "spice" / "preprocessed"
+    if which == "props":
+        target = preprocessed / "props.pkl"
+        payload = {"subset": _RunsShell(f"touch {marker}"), "n_atoms": np.ones(7, dtype=np.int32)}
+    else:
+        target = preprocessed / "regressionenergy.pkl"
+        payload = {"H": _RunsShell(f"touch {marker}")}
+    target.write_bytes(pickle.dumps(payload))
+    out = tmp_path / "out"
+    args = ["pack", "openqdc", "Spice", str(out), "--cache-dir", str(root), "--energy-type", "regression"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.output
+    assert lines[0].startswith(f"Error: {target}: refused to unpickle: it names posix.system")
+    assert not marker.exists() and not out.exists()

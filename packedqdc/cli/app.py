@@ -28,7 +28,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 pack_app = typer.Typer(
-    help="Convert a dataset (NPZ file, OpenQDC cache) into a packed directory.",
+    help="Convert a dataset (NPZ, OpenQDC cache, extended XYZ, SPICE/ANI HDF5) into a packed directory.",
     no_args_is_help=True,
 )
 app.add_typer(pack_app, name="pack")

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.table import Table
 
-from .app import app, console, handles_errors, json_text
+from .app import app, check_output_file, console, handles_errors, json_text
 
 
 @app.command("evaluate")
@@ -17,11 +18,21 @@ def evaluate(
     data_path: Path = typer.Option(..., "--data-path", "--data_path", help="Packed directory to evaluate on."),
     checkpoint: str = typer.Option("best", "--checkpoint", help="best or latest."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write energy and force parity plots and the force error by element (PNG/PDF/SVG; needs the plot extra)."),
 ) -> None:
     """Energy and force MAE/RMSE of a run's EMA weights on a packed directory (kcal/mol, kcal/mol/Å)."""
     from ..train.evaluate import evaluate_run
 
+    if plot is not None:
+        from ..train.plots import check_plot_target
+
+        check_output_file(plot, "--plot")
+        check_plot_target(plot, hint="remove it or choose another --plot name")
     result = evaluate_run(run_dir, data_path, which=checkpoint)
+    if plot is not None:
+        from ..train.plots import parity_run
+
+        parity_run(run_dir, data_path, checkpoint, plot)
     if as_json:
         typer.echo(json_text(result.summary()))
         return
@@ -33,3 +44,5 @@ def evaluate(
     table.add_row("forces (kcal/mol/Å)", f"{result.forces_mae:.4f}", f"{result.forces_rmse:.4f}",
                   f"{result.baseline_forces_mae:.4f} (zero forces)")
     console.print(table)
+    if plot is not None:
+        console.print(f"parity plots written to {plot}")

@@ -1,4 +1,4 @@
-"""``packedqdc pack npz`` and ``packedqdc pack openqdc``."""
+"""``packedqdc pack npz``; ``pack openqdc``, ``pack xyz`` and ``pack hdf5`` register from their modules."""
 
 from __future__ import annotations
 
@@ -68,3 +68,5 @@ def _input_and_output(input: Path | None, output_dir: Path | None, sample: bool)
 
 
 from . import pack_openqdc as _pack_openqdc  # noqa: E402,F401  (registers ``pack openqdc``)
+from . import pack_xyz as _pack_xyz  # noqa: E402,F401  (registers ``pack xyz``)
+from . import pack_hdf5 as _pack_hdf5  # noqa: E402,F401  (registers ``pack hdf5``)

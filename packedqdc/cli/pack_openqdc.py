@@ -47,7 +47,8 @@ def pack_openqdc_command(
     Reads the cache files directly: bounded memory, no network.
     Energies become kcal/mol, positions Å, forces kcal/mol/Å; NaN-labelled molecules are skipped.
     """
-    from ..sources.openqdc import import_openqdc, pack_openqdc, resolve_dataset
+    from ..pack import pack_openqdc
+    from ..sources.openqdc import import_openqdc, resolve_dataset
 
     import_openqdc()  # fail early, with the install hint, when openqdc is missing
 

@@ -24,12 +24,13 @@ class MoleculeSource(Protocol):
     """What ``pack_source`` needs from a source.
 
     Attributes:
-        n_molecules: molecules in the input, before any are skipped (drives the progress bar).
+        n_molecules: molecules in the input, before any are skipped (drives the progress bar);
+            None while a streamed input's size is unknown (it must be set once ``chunks()`` ends).
         has_forces: whether chunks carry ``F``.
         has_qtot: whether chunks carry ``Qtot``.
     """
 
-    n_molecules: int
+    n_molecules: int | None
     has_forces: bool
     has_qtot: bool
 

@@ -31,6 +31,7 @@ from ..errors import ConfigError, SourceError
 from ..format import MoleculeChunk
 from ..units import energy_factor, length_factor
 from . import UnreadableSourceError
+from .toolkit import scaled as _scaled
 
 ROLES = ("R", "Z", "E", "F", "N", "Q")
 DEFAULT_KEYS: dict[str, tuple[str, ...]] = {
@@ -579,14 +580,6 @@ def _rows_masked(a: np.ndarray | None, mask: np.ndarray) -> np.ndarray | None:
 
 def _flat_or_none(a: np.ndarray | None) -> np.ndarray | None:
     return None if a is None else a.reshape(-1)
-
-
-def _scaled(a: np.ndarray, factor: float, dtype: type) -> np.ndarray:
-    """``a * factor`` as ``dtype``, computed in float64; no arithmetic when ``factor`` is 1."""
-    with np.errstate(over="ignore", invalid="ignore"):  # an overflow to inf is reported by the screen
-        if factor == 1.0:
-            return a.astype(dtype, copy=False)
-        return (a.astype(np.float64) * factor).astype(dtype)
 
 
 def _bad_layout(raw: _Raw, members: dict[str, _Member]) -> list[tuple[str, str, np.ndarray]]:

@@ -4,17 +4,21 @@
     pot = Potential.load("runs/NAME")            # best checkpoint, EMA weights
     E, F = pot.predict(Z, R, Qtot=0.0)            # kcal/mol, (n, 3) kcal/mol/Å
     Es, Fs = pot.predict_batch([Z1, Z2], [R1, R2], [0.0, 1.0])
+    out = pot.predict_properties([Z1, Z2], [R1, R2], [0.0, 1.0])  # + partial charges (e)
+    calc = pot.calculator()                       # ASE calculator (eV, eV/Å), needs the ase extra
 
 Energies are the model's residual plus the stored per-element reference energies, in float64.
 Molecules are packed into batches whose atom/pair budgets are rounded up to powers of two, so a
-handful of compiled shapes serve molecules of any size.
+handful of compiled shapes serve molecules of any size: one molecule of n atoms always gets the
+shape (2^ceil(log2(n+1)), 2, 2^ceil(log2(n(n-1)))), so molecular dynamics or a geometry optimisation
+compiles once. Elements the model was not trained on are refused (``ConfigError``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import jax
 import numpy as np
@@ -28,6 +32,9 @@ from .optim import make_optimizer
 from .reference import ReferenceEnergies
 from .session import build_model
 from .state import TrainState, create_state
+
+if TYPE_CHECKING:
+    from ..ase import Calculator
 
 
 def _pow2(n: int) -> int:
@@ -94,6 +101,22 @@ def load_run_state(run_dir: str | Path, which: str = "best"
     return model, state, ReferenceEnergies.from_dict(meta["reference"]), meta
 
 
+@dataclass(frozen=True)
+class Predictions:
+    """Model outputs of ``m`` molecules, in packedqdc's units.
+
+    Attributes:
+        energies: (m,) float64 total energies, kcal/mol (model + per-element reference energies).
+        forces: per molecule (n_i, 3) float32, kcal/mol/Å.
+        charges: per molecule (n_i,) float32 partial charges, e (PhysNet's corrected charges: they
+            sum to the molecule's total charge).
+    """
+
+    energies: np.ndarray
+    forces: list[np.ndarray]
+    charges: list[np.ndarray]
+
+
 @dataclass
 class Potential:
     """A trained PhysNet with its reference energies: energies (kcal/mol) and forces (kcal/mol/Å)."""
@@ -118,25 +141,60 @@ class Potential:
                       Qtots: Sequence[float] | None = None, batch_size: int = 64
                       ) -> tuple[np.ndarray, list[np.ndarray]]:
         """Many molecules -> (E (m,) float64 kcal/mol, list of F (n_i, 3) float32 kcal/mol/Å)."""
+        out = self.predict_properties(Zs, Rs, Qtots, batch_size)
+        return out.energies, out.forces
+
+    def predict_properties(self, Zs: Sequence[np.ndarray], Rs: Sequence[np.ndarray],
+                           Qtots: Sequence[float] | None = None, batch_size: int = 64) -> Predictions:
+        """Energies, forces and partial charges of many molecules (Z (n_i,) int, R (n_i, 3) Å,
+        Qtot e; default neutral), ``batch_size`` molecules per compiled call."""
         if len(Zs) != len(Rs):
             raise ConfigError(f"predict: {len(Zs)} Z arrays but {len(Rs)} R arrays")
+        if batch_size < 1:
+            raise ConfigError(f"predict: batch_size must be >= 1, got {batch_size}")
         qtots = [0.0] * len(Zs) if Qtots is None else list(Qtots)
+        if len(qtots) != len(Zs):
+            raise ConfigError(f"predict: {len(Zs)} molecules but {len(qtots)} total charges")
+        for i, z in enumerate(Zs):
+            self.reference.check_elements(z, where=f"predict: molecule {i}")
         energies: list[np.ndarray] = []
         forces: list[np.ndarray] = []
+        charges: list[np.ndarray] = []
         for lo in range(0, len(Zs), batch_size):
             batch = molecule_batch(Zs[lo:lo + batch_size], Rs[lo:lo + batch_size], qtots[lo:lo + batch_size])
-            e, f = self._predict(batch)
+            e, f, q = self.predict_on_batch(batch)
             m = min(batch_size, len(Zs) - lo)
             energies.append(e[:m])
             seg = batch["batch_segments"]
-            forces.extend(f[batch["atom_mask"] & (seg == i)] for i in range(m))
-        return np.concatenate(energies), forces
+            for i in range(m):
+                atoms = batch["atom_mask"] & (seg == i)
+                forces.append(f[atoms])
+                charges.append(q[atoms])
+        return Predictions(np.concatenate(energies) if energies else np.zeros(0), forces, charges)
 
-    def _predict(self, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    def predict_on_batch(self, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One batch of ``molecule_batch`` (elements not checked) -> (E (M,) float64 kcal/mol,
+        F (A, 3) float32 kcal/mol/Å, q (A,) float32 e); padding slots hold zeros / reference only."""
         device_batch = dict(batch, Qtot=batch["Qtot"].astype(np.float32))
-        energy, forces, _ = _jitted_energy_and_forces(self.model, self.params, device_batch)
+        energy, forces, charges = _jitted_properties(self.model, self.params, device_batch)
         e_ref = self.reference.molecule_energies(batch["Z"], batch["batch_segments"], batch["Qtot"])
-        return np.asarray(energy, np.float64) + e_ref, np.asarray(forces)
+        return np.asarray(energy, np.float64) + e_ref, np.asarray(forces), np.asarray(charges)
+
+    def calculator(self, charge: float | None = None) -> Calculator:
+        """An ASE calculator of this potential (eV, eV/Å, e); needs the ``ase`` extra.
+
+        ``charge``: total charge (e) of molecules whose ``atoms.info`` has no ``"charge"``.
+        """
+        from ..ase import Calculator
+
+        return Calculator(self, charge=charge)
 
 
-_jitted_energy_and_forces = jax.jit(energy_and_forces, static_argnums=0)
+def energy_forces_charges(model: PhysNet, params: Any, batch: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """(energy (M,) kcal/mol, forces (A, 3) kcal/mol/Å, corrected charges (A,) e) of a batch, without
+    reference energies; pure, jit with the model static."""
+    energy, forces, aux = energy_and_forces(model, params, batch)
+    return energy, forces, aux["charges"]
+
+
+_jitted_properties = jax.jit(energy_forces_charges, static_argnums=0)

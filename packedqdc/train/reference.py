@@ -12,7 +12,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ..elements import MAX_Z, symbol
+from ..element_fit import ElementEnergyFit
+from ..elements import MAX_Z, element_counts, symbol
 from ..errors import ConfigError, SourceError
 from ..format import E_FILE, Z_FILE, PackedDataset
 
@@ -106,14 +107,13 @@ def _blocks(data: PackedDataset, selected: np.ndarray, block: int
             continue
         a0, a1 = int(data.offsets[lo]), int(data.offsets[hi])
         n_atoms = np.asarray(data.n_atoms[lo:hi], dtype=np.int64)
-        mol = np.repeat(np.arange(hi - lo), n_atoms)
         Z = np.asarray(data.Z[a0:a1], dtype=np.int64)
         if Z.size and (Z.min() < 1 or Z.max() > MAX_Z):  # the embedding would clip it silently
+            mol = np.repeat(np.arange(hi - lo), n_atoms)
             atom = int(np.flatnonzero((Z < 1) | (Z > MAX_Z))[0])
             raise SourceError(f"{data.path / Z_FILE}: molecule {lo + int(mol[atom])}: atomic number "
                               f"{int(Z[atom])} outside 1..{MAX_Z}")
-        counts = np.bincount(mol * NUM_ROWS + Z, minlength=(hi - lo) * NUM_ROWS)
-        counts = counts.reshape(hi - lo, NUM_ROWS).astype(np.float64)
+        counts = element_counts(Z, n_atoms)
         qtot = np.zeros(hi - lo) if data.Qtot is None else np.asarray(data.Qtot[lo:hi], dtype=np.float64)
         energies = np.asarray(data.E[lo:hi], dtype=np.float64)
         bad = np.flatnonzero(keep & ~np.isfinite(energies))
@@ -130,27 +130,18 @@ def fit_reference_energies(data: PackedDataset, indices: np.ndarray, block: int 
         indices: (n,) int molecule indices to fit on (the training split).
         block: molecules read per block.
 
-    Returns the fit; elements absent from ``indices`` get 0, collinear columns get the minimum-norm
-    solution (only predictions matter). Raises SourceError on a non-finite energy.
+    Returns the fit (``packedqdc.element_fit``, the same one ``pack openqdc`` uses); elements
+    absent from ``indices`` get 0, collinear columns get the minimum-norm solution (only
+    predictions matter). Raises SourceError on a non-finite energy.
     """
     selected = np.zeros(data.n_molecules, dtype=bool)
     selected[np.asarray(indices, dtype=np.int64)] = True
-    xtx = np.zeros((NUM_ROWS + 1, NUM_ROWS + 1))
-    xty = np.zeros(NUM_ROWS + 1)
+    fit = ElementEnergyFit(with_charge=True)
     for counts, qtot, energies, _ in _blocks(data, selected, block):
-        x = np.concatenate([counts, qtot[:, None]], axis=1)
-        xtx += x.T @ x
-        xty += x.T @ energies
-    active = np.flatnonzero(np.diag(xtx) > 0)
-    coef = np.zeros(NUM_ROWS + 1)
-    if active.size:
-        sub = xtx[np.ix_(active, active)]
-        scale = np.sqrt(np.diag(sub))  # column scaling keeps the normal equations well conditioned
-        solution = np.linalg.lstsq(sub / np.outer(scale, scale), xty[active] / scale, rcond=None)[0]
-        coef[active] = solution / scale
-    table, charge_coef = coef[:NUM_ROWS], float(coef[NUM_ROWS])
-    table[0] = 0.0
-    elements = tuple(int(z) for z in np.flatnonzero(np.diag(xtx)[:NUM_ROWS] > 0) if z > 0)
+        fit.add(counts, energies, qtot)
+    table, charge_coef = fit.solve()
+    elements = tuple(int(z) for z in np.flatnonzero(np.isfinite(table)) if z > 0)
+    table = np.nan_to_num(table, nan=0.0)
 
     total, total_sq, count = 0.0, 0.0, 0
     for counts, qtot, energies, n_atoms in _blocks(data, selected, block):
