@@ -12,7 +12,7 @@ Loader rows: ``reuse`` is ``reuse_buffers=True`` (a ring of output buffers; how 
 ``fresh`` gives every batch new arrays (the default); ``pf`` is the prefetch depth (0: assembled
 in the consumer's thread, 2: in a background thread); ``w=2`` assembles in two threads (batches
 ``0, 2, 4, ...`` and ``1, 3, 5, ...``, still delivered in order); ``t=2`` fills each batch in two
-runs on numba's thread pool (``threads=2``); ``D=2`` is ``stacked_batches(2)``: every
+runs on two threads (``threads=2``); ``D=2`` is ``stacked_batches(2)``: every
 batch dealt out over two devices (the same molecules per step, part shapes that fit any batch).
 In the timed epochs the consumer does the same little work for every row, loop included: count
 the batch's molecules (O(M)) and note its shape. Slot efficiencies (real atoms and pairs over

@@ -14,7 +14,7 @@ Two layouts share one batch contract (``docs/architecture.md``):
   packed batch are always padding, so padding atoms and pairs have a valid place to point.
 
 Assembly is one call of a compiled kernel (:mod:`packedqdc.kernels`) per item, in the calling
-thread or cut into runs over numba's thread pool (``threads``): atoms are copied as contiguous
+thread or cut into runs filled side by side on a small pool of threads (``threads``): atoms are copied as contiguous
 slices of the memmaps, pair lists are written in place, and only the padding that the previous
 content of a reused buffer dirtied is rewritten.
 """
@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import collections
 import functools
+import sys
+import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -73,10 +75,31 @@ class EpochPlan:
     bounds: np.ndarray
     shape_ids: np.ndarray
     shapes: tuple[BatchShape, ...]
+    reads: WindowReads | None = None  # block order: what each window reads, for read-ahead
 
     @property
     def n_batches(self) -> int:
         return int(self.bounds.shape[0] - 1)
+
+
+@dataclass(frozen=True)
+class WindowReads:
+    """The file spans of block order's windows, so that a window can be read ahead of its batches.
+
+    Attributes:
+        first_batch: (W,) int64 the first batch of the plan holding a molecule of window ``w``.
+        span_ptr: (W + 1,) int64; window ``w``'s spans are ``spans[span_ptr[w]:span_ptr[w + 1]]``.
+        spans: (S, 4) int64 first atom, end atom, first molecule, end molecule (dataset indices)
+            of each block of each window.
+    """
+
+    first_batch: np.ndarray
+    span_ptr: np.ndarray
+    spans: np.ndarray
+
+    def window_of(self, batch: int) -> int:
+        """The last window whose first batch is at or before ``batch``."""
+        return int(np.searchsorted(self.first_batch, batch, side="right")) - 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,6 +203,75 @@ def padded_plan(
     shape = BatchShape(batch_size * num_atoms, batch_size, batch_size * num_atoms * (num_atoms - 1))
     bounds = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     return EpochPlan(mols, bounds, np.zeros(n_b, dtype=np.int32), (shape,))
+
+
+def block_bounds(indices: np.ndarray, n_atoms: np.ndarray, block_atoms: int) -> np.ndarray:
+    """(n_blocks + 1,) int64 bounds cutting ``indices`` into runs of about ``block_atoms`` atoms.
+
+    Blocks are consecutive entries of ``indices`` (sorted indices: contiguous bytes of the files);
+    each holds at least one molecule.
+    """
+    L = indices.shape[0]
+    if L == 0:
+        return np.zeros(1, dtype=np.int64)
+    cum = np.cumsum(n_atoms[indices], dtype=np.int64)
+    targets = np.arange(max(int(block_atoms), 1), int(cum[-1]), max(int(block_atoms), 1), dtype=np.int64)
+    cuts = np.searchsorted(cum, targets, side="left") + 1
+    return np.unique(np.concatenate([[0], cuts, [L]]).astype(np.int64))
+
+
+def block_order(
+    indices: np.ndarray, offsets: np.ndarray, bounds: np.ndarray, window: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One epoch of block order: the blocks in a random order, mixed ``window`` blocks at a time.
+
+    The blocks (``bounds`` into ``indices``) are permuted; each run of ``window`` consecutive blocks
+    of that permutation (a window: the shuffle buffer) is read as a whole and its molecules are
+    shuffled together. Every molecule of ``indices`` appears exactly once.
+
+    Returns:
+        order: (L,) int64 positions into ``indices``, in epoch order.
+        window_start: (W,) int64 position in ``order`` where each window begins.
+        span_ptr, spans: as ``WindowReads`` (the file spans of each window's blocks).
+    """
+    n_blocks = bounds.shape[0] - 1
+    sizes = np.diff(bounds)
+    perm = rng.permutation(n_blocks)
+    order = np.empty(indices.shape[0], dtype=np.int64)
+    starts, at = [], 0
+    for w in range(0, n_blocks, window):
+        blocks = perm[w : w + window]
+        pos = ranges(bounds[blocks], sizes[blocks])
+        rng.shuffle(pos)
+        starts.append(at)
+        order[at : at + pos.shape[0]] = pos
+        at += pos.shape[0]
+    first = indices[bounds[perm]]
+    last = indices[bounds[perm + 1] - 1]
+    lo, hi = np.minimum(first, last), np.maximum(first, last) + 1  # sorted indices: the block's span
+    spans = np.stack([offsets[lo], offsets[hi], lo, hi], axis=1).astype(np.int64)
+    span_ptr = np.minimum(np.arange(0, n_blocks + window, window, dtype=np.int64), n_blocks)[: len(starts) + 1]
+    return order, np.asarray(starts, dtype=np.int64), span_ptr, spans
+
+
+def block_plan(
+    indices: np.ndarray, n_atoms: np.ndarray, offsets: np.ndarray, pairs: np.ndarray | None,
+    budgets: list[BatchShape] | None, batch_size: int, num_atoms: int, block_atoms: int, window: int,
+    rng: np.random.Generator,
+) -> EpochPlan:  # fmt: skip
+    """Block order, packed (``budgets``, with ``pairs`` of each molecule of ``indices``) or padded
+    (``batch_size`` slots of ``num_atoms``): the epoch's sequence of ``block_order``, cut into
+    batches of the same static shapes as the molecule order."""
+    bounds = block_bounds(indices, n_atoms, block_atoms)
+    order, window_start, span_ptr, spans = block_order(indices, offsets, bounds, window, rng)
+    mols = indices[order]
+    if budgets is not None:
+        plan = packed_plan(mols, n_atoms, np.asarray(pairs)[order], budgets, None)
+    else:
+        plan = padded_plan(mols, n_atoms, batch_size, num_atoms, 1, None)
+    first_batch = np.searchsorted(plan.bounds, window_start, side="right") - 1
+    reads = WindowReads(first_batch.astype(np.int64), span_ptr, spans)
+    return EpochPlan(plan.mols, plan.bounds, plan.shape_ids, plan.shapes, reads)
 
 
 def greedy_fill(atoms: np.ndarray, pairs: np.ndarray, a_cap: int, p_cap: int, m_cap: int) -> np.ndarray:
@@ -396,6 +488,8 @@ _PACKED_OUTPUTS = (
 )  # fmt: skip
 
 ITEMS_PER_CALL = 4  # items a kernel call fills per thread when buffers are reused
+RECYCLE_SCAN = 4  # rings checked for reuse per item of batches(reuse_buffers=False)
+RECYCLE_TRACK = 64  # rings of handed-out items tracked for reuse at most
 
 
 class _Ring:
@@ -440,21 +534,46 @@ class _Ring:
     def views(self, row: int, c: int) -> dict[str, np.ndarray]:
         """The batch dict of ``row`` holding class ``c`` (read-only views when reused; built once)."""
         if (row, c) not in self._views:
-            if len(self.shapes) == 1:  # rows are exactly as wide as the class
-                own = {key: array[row] for key, array in self.arrays.items()}
-            else:
-                A, M, P = (self.group * x for x in self.shapes[c])
-                size = {"Z": A, "R": 3 * A, "F": 3 * A, "atom_mask": A, "batch_segments": A, "dst_idx": P,
-                        "src_idx": P, "pair_mask": P}  # fmt: skip
-                own = {key: array[row, : size.get(key, M)] for key, array in self.arrays.items()}
-            views = {**own, **self.consts, "R": own["R"].reshape(-1, 3), "F": own["F"].reshape(-1, 3)}
-            if self.group > 1:
-                views = {key: _stack_view(value, self.group) for key, value in views.items()}
-            if self.reused:
-                for key in own:
-                    views[key].setflags(write=False)
-            self._views[(row, c)] = {key: views[key] for key in BATCH_KEYS}
+            self._views[(row, c)] = self.new_views(row, c)
         return self._views[(row, c)]
+
+    def new_views(self, row: int, c: int) -> dict[str, np.ndarray]:
+        """New view objects of ``row`` holding class ``c`` (read-only when the sets are reused)."""
+        if len(self.shapes) == 1:  # rows are exactly as wide as the class
+            own = {key: array[row] for key, array in self.arrays.items()}
+        else:
+            A, M, P = (self.group * x for x in self.shapes[c])
+            size = {"Z": A, "R": 3 * A, "F": 3 * A, "atom_mask": A, "batch_segments": A, "dst_idx": P,
+                    "src_idx": P, "pair_mask": P}  # fmt: skip
+            own = {key: array[row, : size.get(key, M)] for key, array in self.arrays.items()}
+        views = {**own, **self.consts, "R": own["R"].reshape(-1, 3), "F": own["F"].reshape(-1, 3)}
+        if self.group > 1:
+            views = {key: _stack_view(value, self.group) for key, value in views.items()}
+        if self.reused:
+            for key in own:
+                views[key].setflags(write=False)
+        return {key: views[key] for key in BATCH_KEYS}
+
+    def unreferenced(self) -> bool:
+        """No array of this ring is referenced outside it: no batch (or view of one) is alive."""
+        return self._counts() == self._baseline
+
+    def track_references(self) -> None:
+        """Take the present reference counts of the arrays as the baseline of ``unreferenced``."""
+        self._owners = list(self.arrays.values())
+        self._baseline = self._counts()
+
+    def _counts(self) -> list[int]:
+        return [sys.getrefcount(array) for array in self._owners]  # the same frame for both uses
+
+    def mark_dirty(self, num_atoms: int) -> None:
+        """Forget what the rows hold: their next fill rewrites all padding (a caller may have written
+        into the arrays of a batch handed out writable)."""
+        if hasattr(self, "marks"):
+            self.marks.fill(-1)
+            self.owner.fill(-1)
+        else:
+            self.arrays["N"].fill(num_atoms)
 
 
 def _stack_view(array: np.ndarray, group: int) -> np.ndarray:
@@ -476,13 +595,14 @@ class Assembler:
         reuse: True fills items into rows of reused buffers (a pool of at most ``hold + chunk``
             rows, shared by the classes when they differ in pair budget only, else one per class;
             the row given back last is taken first), so that an item handed out stays intact while
-            ``hold`` more are handed out and the next ``chunk`` are filled; False gives every item
-            fresh arrays (one item per call).
+            ``hold`` more are handed out and the next ``chunk`` are filled; the views are
+            read-only. False hands every item out in writable arrays of its own (one item per
+            call), recycled once nothing references them any more (``_recycled_ring``).
         hold: see ``reuse``.
         pair_counts: packed layout with a cutoff: (N,) int64 pairs within it of every dataset
             molecule (``cutoff_pair_counts``); None otherwise.
-        threads: threads of numba's pool that fill a call's items side by side (1: the calling
-            thread alone); see ``kernels.kernel_threads``.
+        threads: threads that fill a call's items side by side (1: the calling thread alone; at
+            most the cores of this process, ``kernels.kernel_threads``).
 
     Attributes:
         chunk: items per call (``assemble`` takes at most this many).
@@ -510,11 +630,11 @@ class Assembler:
         )  # fmt: skip
         if self._padded:
             self._inputs = (*sources, spec.num_atoms)
-            self._kernel = fill_padded if self.threads == 1 else fill_padded_threaded
+            self._kernels = (fill_padded, fill_padded_threaded)
         else:
             self._inputs = (*sources, np.asarray(counts, dtype=np.int64))
-            self._kernel = fill_packed if self.threads == 1 else fill_packed_threaded
-        self._extra = () if self._padded or self.threads == 1 else (self.threads,)
+            self._kernels = (fill_packed, fill_packed_threaded)
+        self._choice = ThreadChoice() if self.threads > 1 else None
         self.consts = padded_constants(spec.num_atoms, shapes[0].M) if self._padded else {}
         self._shapes = np.array(shapes, dtype=np.int64).reshape(-1, 3)
         self._hold = hold
@@ -525,7 +645,9 @@ class Assembler:
         pools = 1 if self._shared else len(shapes)
         if reuse:
             self._ring = _Ring(shapes, group, pools * self._slots, self._padded, self.consts, True)
-        self._one = np.zeros(1, np.int64)  # class 0, row 0: a fresh item's own one-class ring
+        self._one = np.zeros(1, np.int64)  # row 0 of a one-row ring
+        self._out: collections.deque[_Ring] = collections.deque()  # one-row rings handed out (reuse=False)
+        self._num_atoms = spec.num_atoms
         self._free: list[list[int]] = [[] for _ in range(pools)]  # per pool, rows last given back first
         self._unused = [0] * pools  # per pool, rows never used so far
         self._held: collections.deque[tuple[int, int]] = collections.deque()  # (pool, row) handed out, in order
@@ -563,16 +685,90 @@ class Assembler:
             ring, shapes = self._ring, self._shapes
             cls = np.asarray(shape_ids, dtype=np.int64)
             row = self._take_rows(cls.tolist())
-        else:  # fresh arrays of the (single) item's class
-            c = int(shape_ids[0])
-            ring = _Ring((self.shapes[c],), self.group, 1, self._padded, self.consts, False)
-            shapes, cls, row = self._shapes[c : c + 1], self._one, self._one
+        else:  # a one-row ring of its own, recycled once the caller dropped every batch of it
+            ring = self._recycled_ring()
+            shapes, cls, row = self._shapes, np.asarray(shape_ids[:1], dtype=np.int64), self._one
         lo, hi = np.ascontiguousarray(lo, dtype=np.int64), np.ascontiguousarray(hi, dtype=np.int64)
+        threaded = self._choice is not None and self._choice.threaded()
+        kernel, extra = (self._kernels[1], (self.threads,)) if threaded else (self._kernels[0], ())
+        start = time.perf_counter()
         if self._padded:
-            self._kernel(mols, lo, hi, row, *self._inputs, *ring.outputs)
+            kernel(mols, lo, hi, row, *self._inputs, *ring.outputs, *extra)
         else:
-            self._kernel(mols, lo, hi, cls, row, shapes, *self._inputs, *ring.outputs, *self._extra)
+            kernel(mols, lo, hi, cls, row, shapes, *self._inputs, *ring.outputs, *extra)
+        if self._choice is not None:
+            self._choice.record(threaded, (time.perf_counter() - start) / max(int(hi[-1, -1] - lo[0, 0]), 1))
+        if not self.reuse:
+            self._out.append(ring)
+            return [ring.new_views(0, int(cls[0]))]
         return [dict(ring.views(r, c)) for r, c in zip(row.tolist(), cls.tolist())]
+
+    def _recycled_ring(self) -> _Ring:
+        """A one-row ring (all classes) for an item that the caller owns (``reuse=False``).
+
+        The oldest rings handed out are checked first: a ring none of whose arrays is referenced
+        outside it (no batch, no view of one, no device array aliasing it) is taken again, with
+        its padding marked dirty; else a new ring. Writing into warm memory instead of fresh
+        memory saves a page fault per 4 KiB. At most ``RECYCLE_SCAN`` rings are checked per item,
+        and at most ``RECYCLE_TRACK`` are tracked (a caller that keeps every batch keeps them).
+        """
+        for _ in range(min(RECYCLE_SCAN, len(self._out))):
+            ring = self._out.popleft()
+            if ring.unreferenced():
+                ring.mark_dirty(self._num_atoms)
+                return ring
+            self._out.append(ring)  # still held: look again later
+        while len(self._out) >= RECYCLE_TRACK:
+            self._out.popleft()
+        ring = _Ring(self.shapes, self.group, 1, self._padded, self.consts, False)
+        ring.track_references()
+        return ring
+
+
+class ThreadChoice:
+    """Whether the next kernel call uses its helper threads: whichever of one thread and several
+    was faster per molecule lately, the other one tried now and then.
+
+    Helper threads only pay when they get a core of their own; on a machine whose cores are busy
+    with other work they make a call slower (here 0.6-0.75x under full load from other
+    processes, and a call whose helper was preempted waits for it: a whole time slice). Timing
+    both keeps ``threads > 1`` from ever being much slower than one thread: the first
+    ``2 * WARMUP`` calls alternate, then the better is used and the other is timed once every
+    ``period`` calls; the period doubles (up to ``MAX_PROBE``) each time the threads lose, and is
+    back to ``PROBE`` when they win. A mode's cost is the median of its last ``WINDOW`` timings
+    (robust to a call preempted by another process).
+    """
+
+    WARMUP = 8
+    PROBE = 32
+    MAX_PROBE = 4096
+    WINDOW = 9
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.period = self.PROBE
+        self.next_probe = 2 * self.WARMUP + self.PROBE
+        self.recent: tuple[collections.deque, collections.deque] = (
+            collections.deque(maxlen=self.WINDOW), collections.deque(maxlen=self.WINDOW))  # fmt: skip
+
+    def threaded(self) -> bool:
+        self.calls += 1
+        if self.calls <= 2 * self.WARMUP:
+            return bool(self.calls % 2)
+        better = self.cost(True) < self.cost(False)
+        if self.calls < self.next_probe:
+            return better
+        self.period = self.PROBE if better else min(2 * self.period, self.MAX_PROBE)
+        self.next_probe = self.calls + self.period
+        return not better
+
+    def cost(self, threaded: bool) -> float:
+        """Median seconds per molecule of the recent calls in one mode."""
+        values = sorted(self.recent[int(threaded)])
+        return values[len(values) // 2] if values else 0.0
+
+    def record(self, threaded: bool, seconds_per_molecule: float) -> None:
+        self.recent[int(threaded)].append(seconds_per_molecule)
 
 
 @functools.lru_cache(maxsize=8)

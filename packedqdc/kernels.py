@@ -7,29 +7,32 @@ Sources are the dataset's arrays (memmap views, R and F flat xyz); outputs are f
 may hold an earlier item: ``marks`` (packed) or the old ``N`` (padded) say how far that content
 reaches, and only that far is padding rewritten; a fresh row is marked as dirty everywhere.
 
-Every kernel has two drivers over the same helpers: ``fill_*`` fills the items one after the other
-in the calling thread; ``fill_*_threaded`` (``parallel=True``) fills them on numba's thread pool
-(``NUMBA_NUM_THREADS`` threads). They are two functions, not one compiled twice: numba's disk cache
-keys a function by its code and argument types, not its flags. Filling several items per call
-spreads the fixed cost of a call (argument checks, a parallel region) over them. The checks that
-can fail run before any item is written. All kernels release the GIL and are compiled at first use, not at import
-(``cache=True``: later processes load them).
+Every kernel has two drivers over the same compiled helpers: ``fill_*`` fills the items one after
+the other in the calling thread; ``fill_*_threaded`` (plain Python) cuts the same work into runs
+and fills them side by side on a small persistent pool of this module's own threads, calling
+``nogil`` compiled functions (no numba threading layer is involved, so the speed does not depend
+on which layer numba would pick: with the ``omp`` layer numba's own pool ran 75x slower here, and
+nothing needs to be fork-safe). Filling several items per call spreads the fixed cost of a call
+(argument checks, waking the threads) over them. The checks that can fail run before any item is
+written. All kernels release the GIL and are compiled at first use, not at import (``cache=True``:
+later processes load them).
 """
 
 from __future__ import annotations
 
+import os
 import threading
-import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numba
 import numpy as np
-from numba import prange
-
-THREADSAFE_LAYERS = ("omp", "tbb")
 
 # Work of one atom in units of one pair when cutting a call's molecules into runs for threads: an
 # atom is a random gather of 28 bytes from three files, a pair a sequential write of 8.
 ATOM_WORK = 32
+
+# Pieces a threaded call's work is cut into, per thread (see ``claimed``).
+PIECES_PER_THREAD = 8
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -178,7 +181,7 @@ def _molecule_pairs(
 # arrays (rows, k * largest size) of which it uses the first k * A (M, P) entries; ``marks`` is
 # (rows, k, 4), ``owner`` (rows,) the class a row's content belongs to. Budgets are checked for
 # every item before anything is written; items are then filled one after the other (``fill_*``)
-# or side by side on numba's thread pool (``fill_*_threaded``).
+# or side by side on the module's threads (``fill_*_threaded``).
 # --------------------------------------------------------------------------------------------
 
 
@@ -410,15 +413,15 @@ def fill_packed(
 
 
 @numba.njit(cache=True, nogil=True)
-def _cut_runs(
-    lo: np.ndarray, hi: np.ndarray, a_at: np.ndarray, p_at: np.ndarray, threads: int
+def _cut_pieces(
+    lo: np.ndarray, hi: np.ndarray, a_at: np.ndarray, p_at: np.ndarray, pieces: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
-    """The molecules of a call, item after item and batch after batch, cut into ``threads`` runs of
+    """The molecules of a call, item after item and batch after batch, cut into ``pieces`` pieces of
     about equal work (pairs plus ``ATOM_WORK`` per atom).
 
     Returns:
         unit_g, unit_b, unit_m: (U,) item, batch and molecule of each of the U molecules;
-        ends: (G * k,) index after the last unit of each batch; cuts: (threads + 1,) run bounds.
+        ends: (G * k,) index after the last unit of each batch; cuts: (pieces + 1,) piece bounds.
     """
     G, k = lo.shape
     U = 0
@@ -437,12 +440,64 @@ def _cut_runs(
                 u += 1
             ends[g * k + b] = u
     start[U] = done
-    cuts = np.searchsorted(start, (np.arange(threads + 1) * done) // threads)
-    cuts[threads] = U
+    cuts = np.searchsorted(start, (np.arange(pieces + 1) * done) // pieces)
+    cuts[pieces] = U
     return unit_g, unit_b, unit_m, ends, cuts
 
 
-@numba.njit(cache=True, nogil=True, parallel=True)
+@numba.njit(cache=True, nogil=True)
+def _fill_packed_stretch(
+    u0: int, u1: int, unit_g: np.ndarray, unit_b: np.ndarray, unit_m: np.ndarray, ends: np.ndarray,
+    mols: np.ndarray, lo: np.ndarray, cls: np.ndarray, row: np.ndarray,
+    shapes: np.ndarray, offsets: np.ndarray, Zs: np.ndarray, Rs: np.ndarray, Fs: np.ndarray, Es: np.ndarray,
+    Qs: np.ndarray, c2: np.float32, use_cutoff: bool, a_at: np.ndarray, p_at: np.ndarray, found: np.ndarray,
+    Z: np.ndarray, R: np.ndarray, F: np.ndarray, atom_mask: np.ndarray, seg: np.ndarray,
+    E: np.ndarray, Qtot: np.ndarray, N: np.ndarray, mol_mask: np.ndarray, mol_idx: np.ndarray,
+    dst: np.ndarray, src: np.ndarray,
+) -> float:  # fmt: skip
+    """Units ``u0 .. u1`` of ``_cut_pieces`` (one piece; it may span batches and items)."""
+    k = lo.shape[1]
+    acc = 0.0
+    u = u0
+    while u < u1:  # one stretch of one batch at a time
+        g, b = unit_g[u], unit_b[u]
+        stop = min(u1, ends[g * k + b])
+        acc += _fill_packed_run(
+            g, b, unit_m[u], unit_m[u] + stop - u, mols, lo, cls, row, shapes, offsets, Zs, Rs, Fs, Es, Qs, c2,
+            use_cutoff, a_at, p_at, found, Z, R, F, atom_mask, seg, E, Qtot, N, mol_mask, mol_idx, dst, src,
+        )  # fmt: skip
+        u = stop
+    return acc
+
+
+@numba.njit(cache=True, nogil=True)
+def _fill_packed_claimed(
+    first: int, last: int, forward: bool, skip: bool, done: np.ndarray, cuts: np.ndarray,
+    unit_g: np.ndarray, unit_b: np.ndarray, unit_m: np.ndarray, ends: np.ndarray,
+    mols: np.ndarray, lo: np.ndarray, cls: np.ndarray, row: np.ndarray,
+    shapes: np.ndarray, offsets: np.ndarray, Zs: np.ndarray, Rs: np.ndarray, Fs: np.ndarray, Es: np.ndarray,
+    Qs: np.ndarray, c2: np.float32, use_cutoff: bool, a_at: np.ndarray, p_at: np.ndarray, found: np.ndarray,
+    Z: np.ndarray, R: np.ndarray, F: np.ndarray, atom_mask: np.ndarray, seg: np.ndarray,
+    E: np.ndarray, Qtot: np.ndarray, N: np.ndarray, mol_mask: np.ndarray, mol_idx: np.ndarray,
+    dst: np.ndarray, src: np.ndarray,
+) -> float:  # fmt: skip
+    """Pieces ``first .. last`` (bounds ``cuts``) not yet ``done``, forward or backward; see ``claimed``."""
+    acc = 0.0
+    for j in range(last - first):
+        piece = first + j if forward else last - 1 - j
+        if done[piece]:
+            if skip:
+                continue
+            break
+        acc += _fill_packed_stretch(
+            cuts[piece], cuts[piece + 1], unit_g, unit_b, unit_m, ends, mols, lo, cls, row, shapes, offsets,
+            Zs, Rs, Fs, Es, Qs, c2, use_cutoff, a_at, p_at, found, Z, R, F, atom_mask, seg, E, Qtot, N,
+            mol_mask, mol_idx, dst, src,
+        )  # fmt: skip
+        done[piece] = 1
+    return acc
+
+
 def fill_packed_threaded(
     mols: np.ndarray, lo: np.ndarray, hi: np.ndarray, cls: np.ndarray, row: np.ndarray, shapes: np.ndarray,
     offsets: np.ndarray, Zs: np.ndarray, Rs: np.ndarray, Fs: np.ndarray, Es: np.ndarray, Qs: np.ndarray,
@@ -451,26 +506,21 @@ def fill_packed_threaded(
     E: np.ndarray, Qtot: np.ndarray, N: np.ndarray, mol_mask: np.ndarray, mol_idx: np.ndarray,
     dst: np.ndarray, src: np.ndarray, pair_mask: np.ndarray, marks: np.ndarray, owner: np.ndarray, threads: int,
 ) -> float:  # fmt: skip
-    """``fill_packed`` on ``threads`` threads of numba's pool: the call's molecules are cut into
-    runs of about equal work (a run may span batches and items), one per thread; padding is written
-    before, in the calling thread (it touches no slot a molecule takes)."""
+    """``fill_packed`` on up to ``threads`` threads (the caller and ``threads - 1`` of the pool): the
+    call's molecules are cut into pieces of about equal work (a piece may span batches and items),
+    shared out by ``claimed``; padding is written before, in the calling thread (it touches no slot a
+    molecule takes)."""
     a_at, p_at, found = _prepare_packed_items(
         mols, lo, hi, cls, row, shapes, offsets, counts, Z, R, F, atom_mask, seg, E, Qtot, N, mol_mask, mol_idx,
         dst, src, pair_mask, marks, owner,
     )  # fmt: skip
-    unit_g, unit_b, unit_m, ends, cuts = _cut_runs(lo, hi, a_at, p_at, threads)
-    k = lo.shape[1]
-    acc = 0.0
-    for t in prange(threads):
-        u = cuts[t]
-        while u < cuts[t + 1]:  # one stretch of one batch at a time
-            g, b = unit_g[u], unit_b[u]
-            stop = min(cuts[t + 1], ends[g * k + b])
-            acc += _fill_packed_run(
-                g, b, unit_m[u], unit_m[u] + stop - u, mols, lo, cls, row, shapes, offsets, Zs, Rs, Fs, Es, Qs, c2,
-                use_cutoff, a_at, p_at, found, Z, R, F, atom_mask, seg, E, Qtot, N, mol_mask, mol_idx, dst, src,
-            )  # fmt: skip
-            u = stop
+    pieces = PIECES_PER_THREAD * threads
+    unit_g, unit_b, unit_m, ends, cuts = _cut_pieces(lo, hi, a_at, p_at, pieces)
+    rest = (
+        cuts, unit_g, unit_b, unit_m, ends, mols, lo, cls, row, shapes, offsets, Zs, Rs, Fs, Es, Qs, c2,
+        use_cutoff, a_at, p_at, found, Z, R, F, atom_mask, seg, E, Qtot, N, mol_mask, mol_idx, dst, src,
+    )  # fmt: skip
+    acc = claimed(_fill_packed_claimed, pieces, threads, rest)
     _check_found(lo, hi, p_at, found)
     return acc
 
@@ -572,23 +622,43 @@ def fill_padded(
     return acc
 
 
-@numba.njit(cache=True, nogil=True, parallel=True)
-def fill_padded_threaded(
+@numba.njit(cache=True, nogil=True)
+def _fill_padded_claimed(
+    first: int, last: int, forward: bool, skip: bool, done: np.ndarray,
     mols: np.ndarray, lo: np.ndarray, hi: np.ndarray, slot: np.ndarray, offsets: np.ndarray,
     Zs: np.ndarray, Rs: np.ndarray, Fs: np.ndarray, Es: np.ndarray, Qs: np.ndarray, c2: np.float32, use_cutoff: bool,
     na: int, Z: np.ndarray, R: np.ndarray, F: np.ndarray, atom_mask: np.ndarray,
     E: np.ndarray, Qtot: np.ndarray, N: np.ndarray, mol_mask: np.ndarray, mol_idx: np.ndarray, pair_mask: np.ndarray,
 ) -> float:  # fmt: skip
-    """``fill_padded`` with the items side by side on numba's thread pool."""
-    _check_padded(mols, lo, hi, offsets, N.shape[1] // lo.shape[1], na)
+    """Items ``first .. last`` not yet ``done``, forward or backward; see ``claimed``."""
     acc = 0.0
-    for g in prange(lo.shape[0]):
+    for j in range(last - first):
+        g = first + j if forward else last - 1 - j
+        if done[g]:
+            if skip:
+                continue
+            break
         s = slot[g]
         acc += _fill_padded_item(
             mols, lo[g], hi[g], offsets, Zs, Rs, Fs, Es, Qs, c2, use_cutoff, na, Z[s], R[s], F[s], atom_mask[s],
             E[s], Qtot[s], N[s], mol_mask[s], mol_idx[s], pair_mask[s],
         )  # fmt: skip
+        done[g] = 1
     return acc
+
+
+def fill_padded_threaded(
+    mols: np.ndarray, lo: np.ndarray, hi: np.ndarray, slot: np.ndarray, offsets: np.ndarray,
+    Zs: np.ndarray, Rs: np.ndarray, Fs: np.ndarray, Es: np.ndarray, Qs: np.ndarray, c2: np.float32, use_cutoff: bool,
+    na: int, Z: np.ndarray, R: np.ndarray, F: np.ndarray, atom_mask: np.ndarray,
+    E: np.ndarray, Qtot: np.ndarray, N: np.ndarray, mol_mask: np.ndarray, mol_idx: np.ndarray, pair_mask: np.ndarray,
+    threads: int = 2,
+) -> float:  # fmt: skip
+    """``fill_padded`` with the items shared out over up to ``threads`` threads by ``claimed``."""
+    _check_padded(mols, lo, hi, offsets, N.shape[1] // lo.shape[1], na)
+    rest = (mols, lo, hi, slot, offsets, Zs, Rs, Fs, Es, Qs, c2, use_cutoff, na, Z, R, F, atom_mask, E, Qtot, N,
+            mol_mask, mol_idx, pair_mask)  # fmt: skip
+    return claimed(_fill_padded_claimed, lo.shape[0], min(threads, lo.shape[0]), rest)
 
 
 # --------------------------------------------------------------------------------------------
@@ -596,44 +666,65 @@ def fill_padded_threaded(
 # --------------------------------------------------------------------------------------------
 
 
-@numba.njit(cache=True, parallel=True)
-def _probe(x: np.ndarray) -> None:
-    for i in prange(x.shape[0]):
-        x[i] = i
+_pool_lock = threading.Lock()
+_pool: list[tuple[int, ThreadPoolExecutor]] = []  # (pid, pool): a forked child makes its own
 
 
-_layer_lock = threading.Lock()
-_layer: list[str] = []  # the threading layer once probed ("" if none loads)
+def _executor() -> ThreadPoolExecutor:
+    """The module's persistent pool of assembly threads (created on first use, again after a fork)."""
+    with _pool_lock:
+        if not _pool or _pool[0][0] != os.getpid():
+            _pool[:] = [(os.getpid(), ThreadPoolExecutor(max_workers=max_threads(), thread_name_prefix="packedqdc-fill"))]
+        return _pool[0][1]
 
 
-def threading_layer() -> str:
-    """numba's threading layer, loading it on first call (``""`` when none can be loaded)."""
-    with _layer_lock:
-        if not _layer:
-            try:
-                _probe(np.zeros(2))
-                _layer.append(numba.threading_layer())
-            except (ValueError, RuntimeError, ImportError):
-                _layer.append("")
-        return _layer[0]
+def max_threads() -> int:
+    """Most threads a kernel call uses: the cores this process may run on."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except AttributeError:  # not Linux
+        return max(os.cpu_count() or 1, 1)
+
+
+def claimed(fn, pieces: int, threads: int, args: tuple) -> float:
+    """Run ``pieces`` pieces of work on the calling thread and up to ``threads - 1`` pool threads,
+    never waiting for a pool thread that has not started.
+
+    ``fn(first, last, forward, skip, done, *args)`` (``nogil`` compiled) fills the pieces
+    ``first .. last`` not marked in ``done`` (uint8 (pieces,)), marking each it fills. Helper ``t``
+    takes region ``t`` of ``threads`` equal regions and fills it backward, stopping at the first
+    piece found done; the caller fills every piece forward, skipping those found done. Where two
+    threads meet, both may fill one piece: a piece's writes are the same whoever makes them, so
+    that is harmless, and a stale view of ``done`` only costs repeated work. When the caller is
+    done, a helper that has not started yet is cancelled (on a busy machine it may not get a core
+    soon), so threads are never much slower than one; one that has started is waited for.
+    Returns the sum of ``fn``'s results; an exception in any thread is raised here.
+    """
+    if threads <= 1 or pieces <= 1:
+        return fn(0, pieces, True, True, np.zeros(pieces, np.uint8), *args)
+    done = np.zeros(pieces, np.uint8)
+    bounds = [pieces * t // threads for t in range(threads + 1)]
+    lock = threading.Lock()
+    state = {"cancelled": False}
+
+    def helper(first: int, last: int) -> float:
+        with lock:
+            if state["cancelled"]:
+                return 0.0
+        return fn(first, last, False, False, done, *args)
+
+    pool = _executor()
+    futures: list[Future] = [pool.submit(helper, bounds[t], bounds[t + 1]) for t in range(1, threads)]
+    try:
+        acc = fn(0, pieces, True, True, done, *args)
+    finally:
+        with lock:
+            state["cancelled"] = True
+        for future in futures:  # cancelled ones return at once; started ones must finish writing
+            future.cancel() or future.exception()
+    return acc + sum(f.result() for f in futures if not f.cancelled())
 
 
 def kernel_threads(requested: int) -> int:
-    """Threads the ``*_threaded`` kernels may use for ``requested``: at most numba's pool size, and 1
-    (the single-thread kernels) unless the threading layer is safe to enter from several Python
-    threads at once (``omp`` or ``tbb``; ``workqueue`` aborts the process when two enter it), with a
-    warning saying so.
-    """
-    threads = min(int(requested), numba.config.NUMBA_NUM_THREADS)
-    if threads <= 1:
-        return 1
-    layer = threading_layer()
-    if layer not in THREADSAFE_LAYERS:
-        warnings.warn(
-            f"packedqdc: numba's threading layer is {layer or 'unavailable'!r}, not thread-safe; "
-            "assembling in one thread (install the 'tbb' package, or libgomp, for threads > 1)",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return 1
-    return threads
+    """Threads a kernel call uses for ``requested``: at most the cores this process may run on."""
+    return max(min(int(requested), max_threads()), 1)

@@ -24,6 +24,7 @@ from .batching import (
     EpochPlan,
     LayoutSpec,
     all_pair_counts,
+    block_plan,
     check_budgets,
     cutoff_pair_counts,
     design_budgets,
@@ -34,8 +35,12 @@ from .batching import (
 )
 from .errors import ConfigError, FormatError
 from .format import open_packed
+from .readahead import advise_random, will_need
 
 LAYOUTS = ("padded", "packed")
+ORDERS = ("auto", "molecule", "block")
+#: order="auto" takes block order when the data files exceed this fraction of available memory
+AUTO_MEMORY_FRACTION = 0.5
 VALID_DRAWS = 1  # with reuse_buffers, a batch stays valid until this many more have been drawn
 
 Batch = dict[str, Any]
@@ -55,11 +60,17 @@ class PackedMemmapLoader:
         prefetch: batches assembled ahead in background threads; 0 assembles in the caller.
         workers: threads assembling batches when ``prefetch`` > 0 (the kernels release the GIL);
             worker ``w`` builds batches ``w, w + workers, ...`` and the order is unchanged.
-        threads: threads of numba's pool that fill a kernel call's batches together, in runs of
-            equal work (a call fills ``4 * threads`` batches when buffers are reused); 1: the
-            assembling thread alone. Needs numba's ``omp`` or ``tbb`` threading layer (else one
-            thread, with a warning).
+        threads: threads that fill a kernel call's batches together, in runs of equal work (a
+            call fills ``4 * threads`` batches when buffers are reused); 1: the assembling thread
+            alone. The threads are packedqdc's own (no numba threading layer is used).
         process_index, process_count: this process's shard (see ``shard``).
+        order: ``"molecule"``: each epoch is a shuffle of all molecules (reads one page per file
+            per molecule: for data in memory). ``"block"``: each epoch takes contiguous blocks of
+            about ``block_mib`` MiB of atoms in a random order and shuffles ``window_blocks`` of
+            them at a time (reads whole blocks sequentially: for data larger than memory).
+            ``"auto"`` (default): block order when the data files exceed half the available
+            memory, else molecule order; ``order`` then holds the choice, ``order_note`` why.
+        block_mib, window_blocks: block order's block size (MiB of atom data) and shuffle window.
 
     Attributes:
         dataset: the open ``PackedDataset`` (memmaps).
@@ -86,6 +97,9 @@ class PackedMemmapLoader:
         threads: int = 1,
         process_index: int = 0,
         process_count: int = 1,
+        order: str = "auto",
+        block_mib: float = 4.0,
+        window_blocks: int = 16,
     ) -> None:
         if int(batch_size) < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
@@ -97,6 +111,10 @@ class PackedMemmapLoader:
             raise ConfigError(f"workers must be >= 1, got {workers}")
         if int(threads) < 1:
             raise ConfigError(f"threads must be >= 1, got {threads}")
+        if order not in ORDERS:
+            raise ConfigError(f"order must be one of {ORDERS}, got {order!r}")
+        if not float(block_mib) > 0 or int(window_blocks) < 1:
+            raise ConfigError(f"block_mib must be > 0 and window_blocks >= 1, got {block_mib}, {window_blocks}")
         self.path = Path(path)
         self.dataset = open_packed(path)
         self.n_atoms = np.array(self.dataset.n_atoms, dtype=np.int32)
@@ -116,6 +134,9 @@ class PackedMemmapLoader:
         self.epoch = 0
         self.position = 0
         self._indices = np.arange(self.dataset.n_molecules, dtype=np.int64)
+        self.order, self.order_note = _resolve_order(self.dataset, order)
+        self.block_mib = float(block_mib)
+        self.window_blocks = int(window_blocks)
         self._pair_counts: dict[float, np.ndarray] = {}  # dataset-wide, per cutoff; shared by derived loaders
         self._budget_cache: dict[float | None, list[BatchShape]] = {}
         self._plan_cache: tuple[Any, EpochPlan] | None = None
@@ -164,7 +185,7 @@ class PackedMemmapLoader:
         return (
             f"PackedMemmapLoader(path='{self.path}', N={self.N}, batch_size={self.batch_size}, "
             f"shuffle={self.shuffle}, bucket_size={self.bucket_size}, seed={self.seed}, "
-            f"epoch={self.epoch}, position={self.position}{shard})"
+            f"order={self.order}, epoch={self.epoch}, position={self.position}{shard})"
         )
 
     # ---- derived loaders ---------------------------------------------------------------------
@@ -261,11 +282,21 @@ class PackedMemmapLoader:
         return self._budget_cache[cutoff]
 
     def _plan(self, spec: LayoutSpec, epoch: int) -> EpochPlan:
-        key = (spec, epoch, self.seed, self.shuffle, self.batch_size, self.bucket_size)
+        key = (spec, epoch, self.seed, self.shuffle, self.batch_size, self.bucket_size, self.order, self.block_mib,
+               self.window_blocks)
         if self._plan_cache is not None and self._plan_cache[0] == key:
             return self._plan_cache[1]
         rng = np.random.default_rng([self.seed, epoch]) if self.shuffle else None
-        if spec.layout == "padded":
+        if rng is not None and self.order == "block":
+            packed = spec.layout == "packed"
+            per_atom = sum(a.itemsize * (3 if a.ndim == 2 else 1) for a in (self.dataset.Z, self.dataset.R,
+                                                                            self.dataset.F) if a is not None)
+            plan = block_plan(
+                self._indices, self.n_atoms, self._offsets, self._pairs(spec.cutoff) if packed else None,
+                self._budgets(spec.cutoff) if packed else None, self.batch_size, spec.num_atoms,
+                int(self.block_mib * 2**20 / per_atom), self.window_blocks, rng,
+            )  # fmt: skip
+        elif spec.layout == "padded":
             plan = padded_plan(self._indices, self.n_atoms, self.batch_size, spec.num_atoms, self.bucket_size, rng)
         else:
             budgets = self._budgets(spec.cutoff)
@@ -375,7 +406,7 @@ class PackedMemmapLoader:
                 previous content dirtied is rewritten, and several batches are filled per call.
             workers: assembly threads when ``prefetch`` > 0 (default: the loader's); each has its
                 own buffers, and batches still come in order.
-            threads: threads of numba's pool that fill batches together (default: the loader's).
+            threads: threads that fill batches together (default: the loader's).
 
         Raises:
             ConfigError: at the call, before any batch, e.g. a molecule larger than ``num_atoms``.
@@ -438,13 +469,22 @@ class PackedMemmapLoader:
             raise ConfigError(f"threads must be >= 1, got {threads}")
         pair_counts = self._pair_counts.get(spec.cutoff) if spec.cutoff is not None else None  # filled by _plan
         key = (spec, plan.shapes, num_devices, reuse_buffers, hold, n_threads)
+        reads = self._plan(spec, epoch).reads  # block order: windows to read ahead
+        advise_random(self.dataset, random=self.shuffle and reads is None)
 
         def produce(worker: int) -> Iterator[Batch]:
             assembler = self._take_assembler(key, pair_counts)
+            advised = -1  # windows up to this one were read ahead
             try:
                 mine = range(start + worker, steps.shape[0], n_workers)
                 for at in range(0, len(mine), assembler.chunk):
                     ids = mine[at : at + assembler.chunk]
+                    if reads is not None:  # this window and the next are being read
+                        ahead = min(reads.window_of(ids[-1]) + 1, reads.first_batch.shape[0] - 1)
+                        if ahead > advised:
+                            lo = max(advised + 1, reads.window_of(ids[0]))
+                            will_need(self.dataset, reads.spans[reads.span_ptr[lo] : reads.span_ptr[ahead + 1]])
+                            advised = ahead
                     rows = slice(ids.start, ids.stop, ids.step)
                     for item in assembler.assemble(plan.mols, first[rows], last[rows], shape_ids[rows]):
                         yield item if convert is None else convert(item)
@@ -474,6 +514,30 @@ class PackedMemmapLoader:
         finally:
             items.close()  # type: ignore[attr-defined]
         self.epoch, self.position = epoch + 1, 0
+
+
+def _resolve_order(ds: Any, order: str) -> tuple[str, str]:
+    """(``"molecule"`` or ``"block"``, a sentence saying why) for the loader option ``order``."""
+    if order != "auto":
+        return order, f"order={order} (as asked)"
+    data = sum(int(a.nbytes) for a in (ds.Z, ds.R, ds.F, ds.E, ds.Qtot) if a is not None)
+    available = available_memory()
+    chosen = "block" if data > AUTO_MEMORY_FRACTION * available else "molecule"
+    return chosen, (
+        f"order=auto chose {chosen} order: {data / 2**30:.2f} GiB of data files, "
+        f"{available / 2**30:.1f} GiB of memory available"
+    )
+
+
+def available_memory() -> int:
+    """Bytes of memory available for new data (``MemAvailable`` of /proc/meminfo; else physical)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
 def _deal_by_atoms(spec: LayoutSpec) -> bool:

@@ -157,20 +157,44 @@ def test_threaded_padded_equals_single_thread(cutoff):
         slot = rng.permutation(slots)[:3].astype(np.int64)
         args = (mols, lo, hi, slot, offsets, Z, R, F, E, Q, c2, cutoff is not None, na)
         fill_padded(*args, *one)
-        fill_padded_threaded(*args, *many)
+        fill_padded_threaded(*args, *many, threads=2)
         for x, y in zip(one, many):
             np.testing.assert_array_equal(x, y)
     assert one[6].sum() > 0  # molecules were written
 
 
-def test_thread_count_falls_back_to_one_on_an_unsafe_layer(monkeypatch):
+def test_thread_count_is_capped_by_the_cores_and_needs_no_threading_layer(monkeypatch):
+    """Threads are the module's own (no numba threading layer, no warning), at most one per core."""
     assert kernels.kernel_threads(1) == 1
-    monkeypatch.setattr(kernels.numba.config, "NUMBA_NUM_THREADS", 4)
-    monkeypatch.setattr(kernels, "threading_layer", lambda: "omp")
-    assert kernels.kernel_threads(3) == 3 and kernels.kernel_threads(16) == 4
-    monkeypatch.setattr(kernels, "threading_layer", lambda: "workqueue")
-    with pytest.warns(RuntimeWarning, match="'workqueue', not thread-safe"):
-        assert kernels.kernel_threads(3) == 1
+    monkeypatch.setattr(kernels, "max_threads", lambda: 4)
+    assert kernels.kernel_threads(3) == 3 and kernels.kernel_threads(16) == 4 and kernels.kernel_threads(0) == 1
+    assert not hasattr(kernels, "threading_layer")
+
+
+def test_claimed_fills_every_piece_and_raises_errors():
+    """Every piece is filled (by the caller alone when the helpers are slow to start); an error in
+    any thread is raised in the caller after the started threads finished."""
+    seen = []
+
+    def fill(first, last, forward, skip, done, fail):
+        for j in range(last - first):
+            p = first + j if forward else last - 1 - j
+            if done[p]:
+                if skip:
+                    continue
+                break
+            if p == fail:
+                raise ValueError(f"piece {p}")
+            seen.append(p)
+            done[p] = 1
+        return 1.0
+
+    for threads in (1, 2, 3):
+        seen.clear()
+        kernels.claimed(fill, 17, threads, (-1,))
+        assert set(seen) == set(range(17))
+    with pytest.raises(ValueError, match="piece 0"):
+        kernels.claimed(fill, 8, 2, (0,))
 
 
 def test_greedy_bounds_matches_a_plain_loop():

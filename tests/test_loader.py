@@ -353,3 +353,145 @@ def test_damaged_directory(data, tmp_path):
         PackedMemmapLoader(bad, 8)
     with pytest.raises(FormatError):
         PackedMemmapLoader(tmp_path / "missing", 8)
+
+
+@pytest.mark.parametrize("kw", [dict(layout="packed"), dict(num_atoms=14), dict(layout="packed", cutoff=2.0)])
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_default_batches_are_recycled_only_when_dropped(data, kw, prefetch):
+    """The default ``batches()`` hands out writable arrays that no later batch overwrites while
+    anything references them (the batch, one array of it, or a view of one), and reuses their
+    memory once nothing does: batches kept, batches dropped, and batches scribbled on before being
+    dropped all equal fresh copies of a one-thread reuse run."""
+    reference = PackedMemmapLoader(data, 8, seed=1, prefetch=0)
+    want = [[_copy(b) for b in reference.batches(reuse_buffers=True, **kw)] for _ in range(2)]
+    loader = PackedMemmapLoader(data, 8, seed=1, prefetch=prefetch)
+    kept, views = [], []
+    for epoch in range(2):
+        for t, b in enumerate(loader.batches(**kw)):
+            assert b["R"].flags.writeable
+            for key, value in want[epoch][t].items():
+                np.testing.assert_array_equal(b[key], value)
+            if t % 5 == 0:
+                kept.append((epoch, t, b))
+            elif t % 5 == 1:
+                views.append((epoch, t, b["R"][1:]))  # only a view of one array survives
+            else:
+                b["R"][:] = 1e9  # the caller may write into its own batch; later batches are refilled
+                b["pair_mask"][:] = True
+                b["N"][:] = 99
+                if b["dst_idx"].flags.writeable:  # the padded layout's pair lists are shared constants
+                    b["dst_idx"][:] = 0
+    for epoch, t, b in kept:
+        for key, value in want[epoch][t].items():
+            np.testing.assert_array_equal(b[key], value)
+    for epoch, t, view in views:
+        np.testing.assert_array_equal(view, want[epoch][t]["R"][1:])
+    # memory was recycled: far fewer buffer sets than batches
+    assembler = next(a for pool in loader._assemblers.values() for a in pool)
+    rings = {id(r) for r in assembler._out}
+    n_batches = sum(len(e) for e in want)
+    assert len(kept) + len(views) + len(rings) < n_batches
+
+
+BLOCK = dict(order="block", block_mib=0.002, window_blocks=4)  # ~75 atoms a block: ~30 blocks here
+
+
+def _mol_ids(batches):
+    return [b["mol_idx"][b["mol_mask"]].tolist() for b in batches]
+
+
+@pytest.mark.parametrize("kw", LAYOUTS + [dict(layout="packed", cutoff=2.0)])
+def test_block_order_each_molecule_once_same_shapes_and_contents(data, kw):
+    ds = open_packed(data)
+    block = PackedMemmapLoader(data, 8, seed=3, **BLOCK)
+    molecule = PackedMemmapLoader(data, 8, seed=3, order="molecule")
+    assert block.order == "block" and molecule.order == "molecule"
+    assert block.shapes(**kw) == molecule.shapes(**kw)
+    orders = []
+    for epoch in range(3):
+        assert block.num_batches(**kw) == len(batches := list(block.batches(**kw)))
+        seen = [i for ids in _mol_ids(batches) for i in ids]
+        assert sorted(seen) == list(range(ds.n_molecules))
+        orders.append(seen)
+        for b in batches:
+            assert (b["Z"].shape[0], b["N"].shape[0], b["dst_idx"].shape[0]) in {tuple(s) for s in block.shapes(**kw)}
+        for b in batches[:3]:
+            check_batch(ds, b, kw.get("cutoff"))
+    assert orders[0] != orders[1] != orders[2]  # a new order every epoch
+
+
+def test_block_order_reads_a_window_of_blocks_at_a_time(data):
+    """The first molecules of an epoch come from at most ``window_blocks`` blocks (contiguous runs
+    of the file), and are shuffled within them (not in file order)."""
+    from packedqdc.batching import block_bounds
+
+    loader = PackedMemmapLoader(data, 8, seed=5, **BLOCK)
+    bounds = block_bounds(loader.indices, loader.n_atoms, int(0.002 * 2**20 / 28))
+    assert len(bounds) - 1 >= 20
+    seen = [i for ids in _mol_ids(loader.batches(layout="packed")) for i in ids]
+    first_window = int(np.sum(np.diff(bounds)[:4]))  # about one window's molecules
+    blocks = np.searchsorted(bounds, seen[: first_window // 2], side="right") - 1
+    assert len(set(blocks.tolist())) <= 4
+    assert seen[: first_window // 2] != sorted(seen[: first_window // 2])
+
+
+def test_block_order_is_deterministic_resumable_and_shards_evenly(data):
+    a = PackedMemmapLoader(data, 8, seed=9, **BLOCK)
+    b = PackedMemmapLoader(data, 8, seed=9, **BLOCK)
+    for _ in range(2):
+        assert _mol_ids(a.batches(layout="packed")) == _mol_ids(b.batches(layout="packed"))
+    full = _mol_ids(a.batches(layout="packed"))  # epoch 2
+    c = PackedMemmapLoader(data, 8, seed=9, **BLOCK)
+    c.restore({"seed": 9, "epoch": 2, "position": 0})
+    it = c.batches(layout="packed", prefetch=0)
+    head = [next(it) for _ in range(5)]
+    state = c.state()
+    it.close()
+    d = PackedMemmapLoader(data, 8, seed=9, **BLOCK)
+    d.restore(state)
+    assert _mol_ids(head) + _mol_ids(d.batches(layout="packed")) == full
+    shards = [PackedMemmapLoader(data, 8, seed=9, **BLOCK).shard(k, 3) for k in range(3)]
+    for s in shards:
+        s.restore({"seed": 9, "epoch": 2, "position": 0})
+    parts = [_mol_ids(s.batches(layout="packed")) for s in shards]
+    assert len({len(p) for p in parts}) == 1 and len(parts[0]) == len(full)
+    for t in range(len(full)):  # the parts of step t are exactly the molecules of batch t
+        assert sorted(i for p in parts for i in p[t]) == sorted(full[t])
+
+
+def _evict(path):
+    import os
+
+    for f in path.iterdir():
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+@pytest.mark.parametrize("order", ["molecule", "block"])
+def test_batches_from_evicted_files_equal_the_warm_ones(tmp_path, order):
+    """With the files dropped from the page cache (the advice given to the maps only changes how
+    they are read back), every batch equals the one read warm."""
+    path = write_dataset(tmp_path / "cold", n_mol=400, seed=11)
+    kw = dict(order=order, block_mib=0.002, window_blocks=4) if order == "block" else dict(order=order)
+    warm = [[_copy(b) for b in PackedMemmapLoader(path, 8, seed=2, **kw).batches(layout="packed")]]
+    _evict(path)
+    cold = [_copy(b) for b in PackedMemmapLoader(path, 8, seed=2, **kw).batches(layout="packed")]
+    assert len(cold) == len(warm[0])
+    for x, y in zip(warm[0], cold):
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+
+
+def test_auto_order_picks_by_data_size_against_available_memory(data, monkeypatch):
+    import packedqdc.loader as loader_module
+
+    loader = PackedMemmapLoader(data, 8)
+    assert loader.order == "molecule" and "order=auto chose molecule order" in loader.order_note
+    monkeypatch.setattr(loader_module, "available_memory", lambda: 1000)
+    loader = PackedMemmapLoader(data, 8)
+    assert loader.order == "block" and "chose block order" in loader.order_note
+    with pytest.raises(ConfigError, match="order must be one of"):
+        PackedMemmapLoader(data, 8, order="random")

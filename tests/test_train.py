@@ -143,3 +143,21 @@ def test_predict_matches_evaluate(trained, sample_dir: Path) -> None:
     assert result.baseline_forces_mae > result.forces_mae
     e0, f0 = pot.predict(Zs[0], Rs[0], float(ds.Qtot[0]))
     assert e0 == pytest.approx(energies[0], abs=1e-3) and f0.shape == (len(Zs[0]), 3)
+
+
+def test_cli_train_order_and_loader_threads(sample_dir: Path, tmp_path: Path) -> None:
+    """--order and --loader-threads reach the loader; the order auto chose is saved for resumes."""
+    runner = CliRunner()
+    base = ["train", "--data_path", str(sample_dir), "--runs-dir", str(tmp_path), "--features", "8",
+            "--num_iterations", "1", "--num-basis", "8", "--batch-size", "16", "--num-epochs", "1"]
+    result = runner.invoke(app, base + ["--name", "blk", "--order", "block", "--loader-threads", "2"])
+    assert result.exit_code == 0, result.output
+    assert "loader: order=block (as asked)" in result.output
+    saved = json.loads((tmp_path / "blk" / "config.json").read_text())
+    assert saved["order"] == "block" and saved["loader_threads"] == 2
+    result = runner.invoke(app, base + ["--name", "auto"])
+    assert result.exit_code == 0, result.output
+    assert "order=auto chose molecule order" in result.output  # the sample is tiny
+    assert json.loads((tmp_path / "auto" / "config.json").read_text())["order"] == "molecule"
+    bad = runner.invoke(app, base + ["--name", "bad", "--order", "random"])
+    assert bad.exit_code != 0 and "--order" in bad.output and "Traceback" not in bad.output

@@ -84,6 +84,7 @@ def train(ctx: typer.Context, **options: Any) -> None:
                       f"{trainer.valid_data.loader.N} valid molecules from {trainer.cfg.data_path}; "
                       f"electrostatics {'on' if trainer.cfg.electrostatics else 'off'}; reference residual "
                       f"{ref.per_atom_mean:.3f} ± {ref.per_atom_std:.3f} kcal/mol/atom")
+        console.print(f"loader: {trainer.train_data.loader.order_note}")
     try:
         with _progress() as progress, GracefulStop() as stop:
             task = progress.add_task("epoch", total=None, visible=False)

@@ -23,6 +23,7 @@ PHYSNET_FORCES_WEIGHT = 52.91772105638412
 PHYSNET_CHARGE_WEIGHT = 14.399645351950548
 
 LAYOUTS = ("packed", "padded")
+ORDERS = ("auto", "molecule", "block")  # the loader's (packedqdc.loader.ORDERS)
 LOSSES = ("mae", "mse")
 LR_SCHEDULES = ("exponential", "plateau", "cosine")
 #: Energy units the loss can be computed in (the data are always kcal/mol).
@@ -138,6 +139,12 @@ class TrainConfig:
     ema_decay: float = option(0.999, "Optimiser", "Decay of the weight average (with warm-up).")
     max_time: float | None = option(None, "Run", "Stop cleanly with a checkpoint after this many seconds "
                                     "[default: no limit].", on_resume=True)
+    order: str = option("auto", "Data", "Epoch order: molecule (a full shuffle each epoch: data in memory), block "
+                        "(shuffled contiguous blocks mixed in a shuffle buffer: sequential reads, for data larger "
+                        "than memory) or auto (block when the data files exceed half the available memory; the "
+                        "choice is saved).", choices=ORDERS)
+    loader_threads: int = option(2, "Data", "Threads that assemble each batch (packedqdc's own; used only while "
+                                 "faster than one; the batches do not depend on it).")
 
     def __post_init__(self) -> None:
         checks = [
@@ -159,6 +166,8 @@ class TrainConfig:
             (0.0 <= self.final_lr_scale <= 1.0, f"final_lr_scale must be in [0, 1], got {self.final_lr_scale}"),
             (0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {self.ema_decay}"),
             (self.max_time is None or self.max_time > 0, f"max_time must be > 0, got {self.max_time}"),
+            (self.loader_threads >= 1, f"loader_threads must be >= 1, got {self.loader_threads}"),
+            (self.order in ORDERS, f"order must be one of {', '.join(ORDERS)}, got {self.order!r}"),
         ]
         for ok, message in checks:
             if not ok:

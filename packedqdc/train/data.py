@@ -10,7 +10,7 @@ needs to continue exactly where a run stopped.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -35,11 +35,15 @@ def default_data_path(runs_dir: str | Path) -> Path:
     return target
 
 
-def split(data_path: str | Path, batch_size: int, bucket_size: int, seed: int, valid_fraction: float
-          ) -> tuple[PackedMemmapLoader, PackedMemmapLoader]:
-    """(train, valid) loaders of a seeded random split; valid keeps index order."""
+def split(data_path: str | Path, batch_size: int, bucket_size: int, seed: int, valid_fraction: float,
+          threads: int = 1, order: str = "auto") -> tuple[PackedMemmapLoader, PackedMemmapLoader]:
+    """(train, valid) loaders of a seeded random split; valid keeps index order.
+
+    ``threads`` assemble each batch (``PackedMemmapLoader(threads=...)``); ``order`` is the
+    training loader's epoch order (``loader.order`` holds what ``"auto"`` chose).
+    """
     loader = PackedMemmapLoader(data_path, batch_size=batch_size, shuffle=True, bucket_size=bucket_size,
-                                seed=seed, prefetch=PREFETCH)
+                                seed=seed, prefetch=PREFETCH, threads=threads, order=order)
     if loader.N < 2:
         raise ConfigError(f"{data_path}: {loader.N} molecule(s); training needs at least 2")
     train, valid = split_loader(loader, train_fraction=1.0 - valid_fraction, seed=seed)
@@ -51,29 +55,43 @@ def split(data_path: str | Path, batch_size: int, bucket_size: int, seed: int, v
 class LoaderStream:
     """Prepared global batches (leading axis ``devices``) from a loader, with its position.
 
+    Everything a step needs from the host happens in the loader's prefetch thread, ``PREFETCH``
+    batches ahead of the step: assembly (into recycled buffers, on the loader's threads), the
+    preparation (``prepare_global``) and, with ``put``, the placement on the devices. The
+    training thread only dispatches steps.
+
     Args:
         loader: the loader of this stream's molecules.
         reference: subtracted from the energies (float64) before the cast to float32.
         layout: "packed" or "padded".
         num_atoms: padded layout: atom slots per molecule (a larger molecule is a ConfigError).
         devices: ``D``, sub-batches per global batch.
+        put: places a prepared global batch on the devices (e.g. ``Placement.put_batch``); None:
+            ``epoch()`` yields host numpy arrays.
     """
 
     def __init__(self, loader: PackedMemmapLoader, reference: ReferenceEnergies, *, layout: str,
-                 num_atoms: int, devices: int = 1) -> None:
+                 num_atoms: int, devices: int = 1,
+                 put: Callable[[Mapping[str, np.ndarray]], Any] | None = None) -> None:
         self.loader = loader
         self.reference = reference
         self.layout = layout
         self.num_atoms = num_atoms if layout == "padded" else None
         self.devices = devices
+        self.put = put
         loader.shapes(layout=layout, num_atoms=self.num_atoms)  # fail early on a molecule too large
 
-    def epoch(self) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
-        for item in self.loader.stacked_batches(self.devices, num_atoms=self.num_atoms, layout=self.layout):
-            if np.ndim(item["Z"]) == 1:  # one device: the loader yields plain batches
-                item = {key: np.asarray(value)[None] for key, value in item.items()}
-            mol_idx = np.asarray(item["mol_idx"])[np.asarray(item["mol_mask"])]
-            yield prepare_global(item, self.reference), mol_idx
+    def _prepare(self, item: Mapping[str, np.ndarray]) -> tuple[Any, np.ndarray]:
+        if np.ndim(item["Z"]) == 1:  # one device: the loader yields plain batches
+            item = {key: np.asarray(value)[None] for key, value in item.items()}
+        mol_idx = np.asarray(item["mol_idx"])[np.asarray(item["mol_mask"])]
+        prepared = prepare_global(item, self.reference)
+        return (prepared if self.put is None else self.put(prepared)), mol_idx
+
+    def epoch(self) -> Iterator[tuple[Any, np.ndarray]]:
+        """``(global batch, mol_idx of its real molecules)`` for the rest of the epoch."""
+        yield from self.loader.stacked_batches(
+            self.devices, num_atoms=self.num_atoms, layout=self.layout, transfer=self._prepare)
 
     def num_steps(self) -> int:
         return self.loader.num_batches(layout=self.layout, num_atoms=self.num_atoms, num_devices=self.devices)

@@ -68,13 +68,16 @@ def _loaders(cfg: TrainConfig) -> tuple[PackedMemmapLoader, PackedMemmapLoader]:
     sees the molecules of the one-device run in every step, and follows its trajectory up to float
     rounding.
     """
-    loaders = split(cfg.data_path, cfg.batch_size, cfg.bucket_size, cfg.seed, cfg.valid_fraction)
+    loaders = split(cfg.data_path, cfg.batch_size, cfg.bucket_size, cfg.seed, cfg.valid_fraction,
+                    threads=cfg.loader_threads, order=cfg.order)
     return tuple(loader.shard(jax.process_index(), jax.process_count()) for loader in loaders)
 
 
 def _streams(cfg: TrainConfig, loaders: tuple[PackedMemmapLoader, PackedMemmapLoader],
-             reference: ReferenceEnergies, devices: int) -> tuple[LoaderStream, LoaderStream]:
-    return tuple(LoaderStream(loader, reference, layout=cfg.layout, num_atoms=cfg.num_atoms, devices=devices)
+             reference: ReferenceEnergies, placement: Placement) -> tuple[LoaderStream, LoaderStream]:
+    """Streams that prepare and place each batch in the loader's prefetch thread, ahead of its step."""
+    return tuple(LoaderStream(loader, reference, layout=cfg.layout, num_atoms=cfg.num_atoms,
+                              devices=placement.num_local_devices, put=placement.put_batch)
                  for loader in loaders)
 
 
@@ -88,8 +91,13 @@ def _assemble(cfg: TrainConfig, run_dir: Path, model: PhysNet, reference: Refere
                    train_step=placement.jit(make_train_step(model, cfg, weights)),
                    eval_step=placement.jit(make_eval_step(model, weights)),
                    checkpoints=checkpoints or RunCheckpoints(run_dir),
-                   has_forces=has_forces, put=placement.put_batch, place_state=placement.replicate,
+                   has_forces=has_forces, put=_placed, place_state=placement.replicate,
                    extra_meta={**placement.layout, "dataset": dataset}, lock=lock)
+
+
+def _placed(global_batch: Any) -> Any:
+    """The streams place batches on the devices in their prefetch thread: nothing left to do."""
+    return global_batch
 
 
 def initial_state(cfg: TrainConfig, model: PhysNet, stream: LoaderStream) -> TrainState:
@@ -197,6 +205,7 @@ def _start(cfg: TrainConfig, run_dir: Path, placement: Placement, lock: RunLock 
         raise ConfigError(f"{data_path}: --data-path does not exist")
     cfg = cfg.replace(data_path=str(data_path.absolute()))
     loaders = _loaders(cfg)
+    cfg = cfg.replace(order=loaders[0].order)  # what "auto" chose: a resumed run keeps it
     ds, train_idx = loaders[0].dataset, loaders[0].indices
     reference = fit_reference_energies(ds, train_idx)
     _check_valid_charges(ds, loaders[1].indices, reference)
@@ -206,7 +215,7 @@ def _start(cfg: TrainConfig, run_dir: Path, placement: Placement, lock: RunLock 
     if electrostatics:  # ions start near their energies, not 60-85 kcal/mol above them
         reference = with_initial_coulomb(reference, ds, train_idx, cfg.cutoff, seed=cfg.seed)
     model = model_for(cfg, reference, electrostatics)
-    streams = _streams(cfg, loaders, reference, placement.num_local_devices)
+    streams = _streams(cfg, loaders, reference, placement)
     state = initial_state(cfg, model, streams[0])
     if is_main_process():
         cfg.save(run_dir / CONFIG_FILE)
@@ -239,7 +248,7 @@ def _resume(run_dir: Path, num_epochs: int | None, max_time: float | None, data_
     checkpoints = RunCheckpoints(run_dir)
     meta = checkpoints.read_meta("latest")
     check_device_count(meta, placement, run=str(run_dir))
-    cfg = TrainConfig.from_dict(meta["config"])
+    cfg = TrainConfig.from_dict({"order": "molecule", **meta["config"]})  # runs saved before --order: molecule
     cfg = cfg.replace(num_epochs=cfg.num_epochs if num_epochs is None else num_epochs, max_time=max_time,
                       runs_dir=str(run_dir.parent), name=run_dir.name)
     if data_path is not None:
@@ -250,7 +259,7 @@ def _resume(run_dir: Path, num_epochs: int | None, max_time: float | None, data_
                           "pass --data-path to a copy of it")
     reference = ReferenceEnergies.from_dict(meta["reference"])
     model = build_model(meta["model"])
-    streams = _streams(cfg, _loaders(cfg), reference, placement.num_local_devices)
+    streams = _streams(cfg, _loaders(cfg), reference, placement)
     template = placement.replicate(initial_state(cfg, model, streams[0]))
     state, meta = checkpoints.restore("latest", template)
     streams[0].restore(meta["loader"])
