@@ -379,12 +379,11 @@ def _check_meta(
     sums = meta.get("sha256")
     if sums is None:
         report.notes.append(f"{META} has no sha256 sums: checksums not checked")
-    elif not _well_formed_sums(sums, report):
-        pass
-    elif checksums:
-        _check_checksums(root, sums, report)
-    else:
-        report.notes.append("checksums not verified (use --checksums)")
+    elif _well_formed_sums(sums, report):  # malformed entries are problems of their own
+        if checksums:
+            _check_checksums(root, sums, report)
+        else:
+            report.notes.append("checksums not verified (use --checksums)")
 
 
 def _check_meta_fields(meta: dict[str, Any], present: dict[str, int | None], report: ValidationReport) -> None:
