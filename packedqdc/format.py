@@ -46,7 +46,7 @@ try:
 except ImportError:  # Windows: no advisory locks; leftovers are then never removed
     fcntl = None  # type: ignore[assignment]
 
-from .elements import MAX_Z, symbol
+from .elements import MAX_Z, element_histogram, symbol
 from .errors import FormatError, SourceError, TargetExistsError
 
 FORMAT_NAME = "packedqdc"
@@ -475,9 +475,7 @@ class PackedWriter:
         self.stats.n_molecules += m
         self.stats.n_atoms_total += atoms
         self.stats.max_atoms = max(self.stats.max_atoms, int(n_atoms.max()))
-        self.stats.element_counts += np.bincount(
-            np.clip(np.asarray(chunk.Z), 0, MAX_Z), minlength=MAX_Z + 1
-        )[: MAX_Z + 1]
+        self.stats.element_counts += element_histogram(np.asarray(chunk.Z))[: MAX_Z + 1]
 
     def commit(self, extra_meta: dict[str, Any] | None = None) -> Path:
         """Finish the files, write ``meta.json`` last, and rename the directory into place."""

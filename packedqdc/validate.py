@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .elements import MAX_Z, symbol
+from .elements import MAX_Z, element_histogram, symbol
 from .errors import FormatError
 from .finite import all_finite
 from .format import (
@@ -335,7 +335,7 @@ def _scan(file: Path, spec: RawFileSpec, rows: int) -> tuple[list[_Finding], np.
             findings.append(_Finding("fractional total charge {value}"))
     for lo, block in _blocks(file, spec, rows):
         if spec.name == Z_FILE:
-            histogram += np.bincount(np.clip(block, 0, MAX_Z + 1), minlength=MAX_Z + 2)
+            histogram += element_histogram(block)
             if block.min(initial=1) < 1 or block.max(initial=1) > MAX_Z:
                 findings[0].update(lo, (block < 1) | (block > MAX_Z), block)
             continue
