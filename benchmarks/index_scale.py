@@ -4,9 +4,10 @@
     PYTHONPATH=/path/to/other/version python benchmarks/index_scale.py ...   # the same for another version
 
 Builds (unless present) a packed directory of ``--molecules`` QM9-sized molecules (3..29 atoms)
-whose index is real (``offsets.npy``, ``n_atoms.npy``, written in chunks) and whose data files
-(``Z``, ``R``, ``E``, ``Qtot``; ``F`` with ``--forces``) are sparse files made with ``truncate``:
-all zeros, costing no disk, which is enough to measure the index side of the loader. Then, each
+whose index is real (``offsets.npy``, ``n_atoms.npy``, written in chunks), as is ``Z`` (all
+hydrogen: ``stats`` checks every atomic number; 4 bytes an atom), while ``R``, ``E``, ``Qtot``
+(and ``F`` with ``--forces``) are sparse files made with ``truncate``: all zeros, costing no disk,
+which is enough to measure the index side of the loader. Then, each
 step in a subprocess of its own (so that peak RSS, ``VmHWM`` of /proc/self/status, is the step's):
 
 - ``open``: ``PackedMemmapLoader(dir, 32, threads=2)`` plus ``split_loader(loader, 0.9)``, as
@@ -56,7 +57,11 @@ def build(path: Path, n: int, forces: bool, seed: int = 0, chunk: int = 1 << 22)
     n_atoms.flush()
     offsets.flush()
     del n_atoms, offsets
-    files = {"Z_pack.int32": 4 * total, "R_pack.f32": 12 * total, "E.f64": 8 * n, "Qtot.f64": 8 * n}
+    ones = np.ones(1 << 24, np.int32)
+    with open(tmp / "Z_pack.int32", "wb") as f:
+        for lo in range(0, total, ones.shape[0]):
+            ones[: min(ones.shape[0], total - lo)].tofile(f)
+    files = {"R_pack.f32": 12 * total, "E.f64": 8 * n, "Qtot.f64": 8 * n}
     if forces:
         files["F_pack.f32"] = 12 * total
     for name, size in files.items():
@@ -147,7 +152,7 @@ def main() -> None:
             result = step_stats(rest[0])
         print(json.dumps(result))
         return
-    path = args.workdir / f"qm9-{args.molecules}{'-F' if args.forces else ''}"
+    path = args.workdir / f"qm9z-{args.molecules}{'-F' if args.forces else ''}"
     t0 = time.perf_counter()
     build(path, args.molecules, args.forces)
     print(f"directory {path} ready in {time.perf_counter() - t0:.1f} s", flush=True)
@@ -156,7 +161,7 @@ def main() -> None:
     print(f"packedqdc from {Path(packedqdc.__file__).parent}; load {os.getloadavg()}", flush=True)
     r = run_step(["open", str(path)])
     print(f"open: {json.dumps(_round(r))}", flush=True)
-    for order in args.orders.split(","):
+    for order in filter(None, args.orders.split(",")):
         r = run_step(["epochs", str(path), order, str(args.epochs), str(args.batches)])
         print(f"order={order}: {json.dumps(_round(r))}", flush=True)
     if not args.no_stats:

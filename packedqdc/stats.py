@@ -16,6 +16,7 @@ import numpy as np
 
 from .batching import all_pair_counts, design_budgets, packed_plan, padded_plan
 from .index import CHUNK, atom_counts
+from .readahead import chunks
 from .elements import MAX_Z, element_histogram, symbol
 from .errors import FormatError
 from .finite import all_finite
@@ -34,8 +35,8 @@ def _stream_range(array: np.ndarray, chunk: int) -> dict[str, float] | None:
     if array is None or array.shape[0] == 0:
         return None
     lo, hi, total, total2, count, absmax, bad = np.inf, -np.inf, 0.0, 0.0, 0, 0.0, 0
-    for start in range(0, array.shape[0], chunk):
-        part = np.asarray(array[start : start + chunk], dtype=np.float64)
+    for part in chunks(array, chunk):
+        part = np.asarray(part, dtype=np.float64)
         if not all_finite(part):
             finite = np.isfinite(part)
             bad += int(part.size - finite.sum())
@@ -56,7 +57,9 @@ def _stream_range(array: np.ndarray, chunk: int) -> dict[str, float] | None:
 
 def _element_counts(ds: Any, chunk: int) -> dict[str, int]:
     """Atoms per element symbol, counted from ``Z`` (never taken from meta.json unchecked)."""
-    counts = element_histogram(ds.Z, chunk)
+    counts = np.zeros(MAX_Z + 2, dtype=np.int64)
+    for part in chunks(ds.Z, chunk):
+        counts += element_histogram(part)
     invalid = int(counts[0] + counts[MAX_Z + 1])
     if invalid:
         raise FormatError(f"{ds.path / Z_FILE}: {invalid} atomic number(s) outside 1..{MAX_Z}; "
