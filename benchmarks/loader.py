@@ -46,7 +46,8 @@ LOADER_ROWS = (  # label, layout, reuse_buffers, prefetch, devices, workers, thr
     ("packed reuse pf=0 t=2", "packed", True, 0, 1, 1, 2),
     ("packed reuse pf=2", "packed", True, 2, 1, 1, 1),
     ("packed reuse pf=2 w=2", "packed", True, 2, 1, 2, 1),
-    ("packed fresh pf=2", "packed", False, 2, 1, 1, 1),
+    ("packed fresh pf=2", "packed", False, 2, 1, 1, 1),  # the default call, batches(layout="packed")
+    ("packed fresh pf=2 t=2", "packed", False, 2, 1, 1, 2),  # the default call with threads=2
     ("packed reuse pf=2 D=2", "packed", True, 2, 2, 1, 1),
 )
 
@@ -175,10 +176,10 @@ def bench_dataset(path: Path, n: int, num_atoms: int, args: argparse.Namespace) 
         atom_eff, pair_eff, shapes = stats[label]
         ratio = statistics.median(ratios[label])
         rows.append((label, setting, rate, atom_eff, pair_eff, max(shapes, len(seen[label])), ratio))
-    index_mb = (loader.n_atoms.nbytes + loader._offsets.nbytes + 3 * 8 * loader.N) / 2**20
+    index_mb = (loader.n_atoms.nbytes + 2 * loader.indices.nbytes) / 2**20  # sizes, indices, an epoch's plan
     print(f"  first batch of a fresh loader: {first_ms:.0f} ms ({len(first)} keys; budgets, plan, kernel load)")
     print(f"  RSS anon {rss0[0]:.0f} MB at open -> {rss1[0]:.0f} MB after warm-up -> {rss2[0]:.0f} MB after "
-          f"{args.repeats * len(LOADER_ROWS)} more epochs; O(N) index and plan arrays ~{index_mb:.0f} MB; "
+          f"{args.repeats * len(LOADER_ROWS)} more epochs; O(N) index and plan arrays ~{index_mb:.0f} MB (offsets mapped); "
           f"RSS file (memmapped page cache) {rss2[1]:.0f} MB")
     return rows
 

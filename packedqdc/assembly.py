@@ -45,8 +45,8 @@ class Assembler:
             read-only. False hands every item out in writable arrays of its own (one item per
             call), recycled once nothing references them any more (``buffers.RecycledRings``).
         hold: see ``reuse``.
-        pair_counts: packed layout with a cutoff: (N,) int64 pairs within it of every dataset
-            molecule (``cutoff_pair_counts``); None otherwise.
+        pair_counts: packed layout with a cutoff: (N,) pairs within it of every dataset molecule
+            (``cutoff_pair_counts``, any unsigned dtype); None otherwise.
         threads: threads that fill a call's items side by side (1: the calling thread alone; at
             most the cores of this process, ``kernels.kernel_threads``).
 
@@ -75,7 +75,7 @@ class Assembler:
         ))  # fmt: skip  (plain tuples: see kernels' named structures)
         self._pairs = tuple(PairRule(
             squared_cutoff(spec.cutoff) if spec.cutoff is not None else np.float32(0.0), spec.cutoff is not None,
-            np.asarray(counts, dtype=np.int64),
+            np.asarray(counts),
         ))  # fmt: skip
         self._kernels = (fill_padded, fill_padded_threaded) if self._padded else (fill_packed, fill_packed_threaded)
         self._choice = ThreadChoice() if self.threads > 1 else None

@@ -25,7 +25,17 @@ import numpy as np
 
 from .errors import ConfigError
 from .format import PackedDataset
-from .kernels import count_within, greedy_bounds
+from .index import (
+    block_cuts,
+    count_dtype,
+    first_over,
+    greedy_plan,
+    index_dtype,
+    permutation,
+    take_in_place,
+    totals,
+)
+from .kernels import count_within
 
 BATCH_KEYS = (
     "Z", "R", "F", "atom_mask", "batch_segments",
@@ -50,7 +60,7 @@ class EpochPlan:
     """Which molecules go into which batch, in order, for one epoch.
 
     Attributes:
-        mols: (n,) int64 dataset indices of the molecules, batch after batch.
+        mols: (n,) dataset indices of the molecules, batch after batch (int32 below 2^31 molecules).
         bounds: (n_batches + 1,) int64; batch ``b`` holds ``mols[bounds[b]:bounds[b + 1]]``.
         shape_ids: (n_batches,) int32 index into ``shapes`` of each batch's class.
         shapes: the distinct batch shapes, smallest pair budget first.
@@ -137,17 +147,40 @@ def squared_cutoff(cutoff: float) -> np.float32:
     return np.float32(cutoff) * np.float32(cutoff)
 
 
-def cutoff_pair_counts(ds: PackedDataset, offsets: np.ndarray, cutoff: float) -> np.ndarray:
-    """(N,) int64 ordered pairs closer than ``cutoff`` Å in each molecule of ``ds``.
+def cutoff_pair_counts(ds: PackedDataset, offsets: np.ndarray, cutoff: float, sizes: np.ndarray) -> np.ndarray:
+    """(N,) ordered pairs closer than ``cutoff`` Å in each molecule of ``ds``, in the smallest
+    unsigned dtype that holds ``n (n - 1)`` of the largest molecule.
 
     One compiled pass over ``R`` straight from the memmap (no copies; memory stays bounded).
 
     Args:
-        offsets: (N+1,) int64 atom offsets of ``ds``, in memory.
+        offsets: (N+1,) int64 atom offsets of ``ds`` (in memory or memory-mapped).
+        sizes: (N,) atoms of every molecule.
     """
-    out = np.zeros(ds.n_molecules, dtype=np.int64)
+    n_max = int(sizes.max(initial=0))
+    out = np.zeros(ds.n_molecules, dtype=count_dtype(n_max * (n_max - 1)))
     count_within(offsets, np.asarray(ds.R).reshape(-1), squared_cutoff(cutoff), out)
     return out
+
+
+def pair_counts_of(sizes: np.ndarray, mols: np.ndarray, pair_counts: np.ndarray | None) -> np.ndarray:
+    """(len(mols),) int64 pairs of the molecules ``mols``: ``pair_counts[mols]``, or all ordered pairs."""
+    if pair_counts is None:
+        return all_pair_counts(sizes[mols])
+    return np.asarray(pair_counts)[mols].astype(np.int64)
+
+
+def _counts_arg(pair_counts: np.ndarray | None) -> np.ndarray:
+    """The compiled passes' form of ``pair_counts``: the array, or (0,) for all ordered pairs."""
+    return np.zeros(0, np.int64) if pair_counts is None else np.asarray(pair_counts)
+
+
+def _epoch_mols(indices: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
+    """``indices[rng.permutation(len(indices))]`` (or a copy of ``indices``), with no int64 temporary."""
+    L = indices.shape[0]
+    if rng is None:
+        return np.array(indices, dtype=index_dtype(max(int(indices.max(initial=0)) + 1, L)))
+    return take_in_place(permutation(L, rng), indices)
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,12 +207,11 @@ def padded_plan(
     """
     L = indices.shape[0]
     n_b = -(-L // batch_size)
-    mols = np.asarray(indices, dtype=np.int64)
+    mols = _epoch_mols(indices, rng)
     counts = np.full(n_b, batch_size, dtype=np.int64)
     if n_b:
         counts[-1] = L - (n_b - 1) * batch_size
     if rng is not None and L:
-        mols = mols[rng.permutation(L)]
         bucket = np.arange(L) // max(bucket_size, 1)
         mols = mols[np.lexsort((n_atoms[mols], bucket))]
         order = rng.permutation(n_b)
@@ -194,15 +226,12 @@ def block_bounds(indices: np.ndarray, n_atoms: np.ndarray, block_atoms: int) -> 
     """(n_blocks + 1,) int64 bounds cutting ``indices`` into runs of about ``block_atoms`` atoms.
 
     Blocks are consecutive entries of ``indices`` (sorted indices: contiguous bytes of the files);
-    each holds at least one molecule.
+    each holds at least one molecule. A block ends after the molecule whose running atom total first
+    reaches a multiple of ``block_atoms`` (one compiled pass, no cumulative-sum array).
     """
-    L = indices.shape[0]
-    if L == 0:
+    if indices.shape[0] == 0:
         return np.zeros(1, dtype=np.int64)
-    cum = np.cumsum(n_atoms[indices], dtype=np.int64)
-    targets = np.arange(max(int(block_atoms), 1), int(cum[-1]), max(int(block_atoms), 1), dtype=np.int64)
-    cuts = np.searchsorted(cum, targets, side="left") + 1
-    return np.unique(np.concatenate([[0], cuts, [L]]).astype(np.int64))
+    return block_cuts(indices, n_atoms, int(block_atoms))
 
 
 def block_order(
@@ -215,14 +244,14 @@ def block_order(
     shuffled together. Every molecule of ``indices`` appears exactly once.
 
     Returns:
-        order: (L,) int64 positions into ``indices``, in epoch order.
+        order: (L,) positions into ``indices`` (int32 below 2^31), in epoch order.
         window_start: (W,) int64 position in ``order`` where each window begins.
         span_ptr, spans: as ``WindowReads`` (the file spans of each window's blocks).
     """
     n_blocks = bounds.shape[0] - 1
     sizes = np.diff(bounds)
     perm = rng.permutation(n_blocks)
-    order = np.empty(indices.shape[0], dtype=np.int64)
+    order = np.empty(indices.shape[0], dtype=index_dtype(indices.shape[0]))
     starts, at = [], 0
     for w in range(0, n_blocks, window):
         blocks = perm[w : w + window]
@@ -240,43 +269,23 @@ def block_order(
 
 
 def block_plan(
-    indices: np.ndarray, n_atoms: np.ndarray, offsets: np.ndarray, pairs: np.ndarray | None,
+    indices: np.ndarray, n_atoms: np.ndarray, offsets: np.ndarray, pair_counts: np.ndarray | None,
     budgets: list[BatchShape] | None, batch_size: int, num_atoms: int, block_atoms: int, window: int,
     rng: np.random.Generator,
 ) -> EpochPlan:  # fmt: skip
-    """Block order, packed (``budgets``, with ``pairs`` of each molecule of ``indices``) or padded
-    (``batch_size`` slots of ``num_atoms``): the epoch's sequence of ``block_order``, cut into
-    batches of the same static shapes as the molecule order."""
+    """Block order, packed (``budgets``, with the dataset's ``pair_counts`` or None for all pairs)
+    or padded (``batch_size`` slots of ``num_atoms``): the epoch's sequence of ``block_order``, cut
+    into batches of the same static shapes as the molecule order."""
     bounds = block_bounds(indices, n_atoms, block_atoms)
     order, window_start, span_ptr, spans = block_order(indices, offsets, bounds, window, rng)
-    mols = indices[order]
+    mols = take_in_place(order, indices)
     if budgets is not None:
-        plan = packed_plan(mols, n_atoms, np.asarray(pairs)[order], budgets, None)
+        plan = packed_plan(mols, n_atoms, pair_counts, budgets, None)
     else:
         plan = padded_plan(mols, n_atoms, batch_size, num_atoms, 1, None)
     first_batch = np.searchsorted(plan.bounds, window_start, side="right") - 1
     reads = WindowReads(first_batch.astype(np.int64), span_ptr, spans)
     return EpochPlan(plan.mols, plan.bounds, plan.shape_ids, plan.shapes, reads)
-
-
-def greedy_fill(atoms: np.ndarray, pairs: np.ndarray, a_cap: int, p_cap: int, m_cap: int) -> np.ndarray:
-    """Cut a sequence of molecules into batches, each as long as fits all three caps.
-
-    Args:
-        atoms, pairs: (L,) atoms and pairs of each molecule in order; each must fit the caps.
-        a_cap, p_cap, m_cap: most real atoms, pairs and molecules in one batch.
-
-    Returns:
-        (n_batches + 1,) int64 bounds into the sequence.
-    """
-    atoms = np.asarray(atoms, dtype=np.int64)
-    pairs = np.asarray(pairs, dtype=np.int64)
-    return greedy_bounds(atoms, pairs, int(a_cap), int(p_cap), int(m_cap))
-
-
-def _segment_sums(values: np.ndarray, bounds: np.ndarray) -> np.ndarray:
-    cum = np.concatenate([[0], np.cumsum(values, dtype=np.int64)])
-    return cum[bounds[1:]] - cum[bounds[:-1]]
 
 
 def choose_levels(totals: np.ndarray, max_levels: int = MAX_CLASSES, grid: int = 160) -> list[int]:
@@ -313,8 +322,9 @@ def choose_levels(totals: np.ndarray, max_levels: int = MAX_CLASSES, grid: int =
 
 
 def design_budgets(
-    n_atoms: np.ndarray, pairs: np.ndarray, batch_size: int, seed: int, max_classes: int = MAX_CLASSES
-) -> list[BatchShape]:
+    indices: np.ndarray, n_atoms: np.ndarray, pair_counts: np.ndarray | None, batch_size: int, seed: int,
+    max_classes: int = MAX_CLASSES,
+) -> list[BatchShape]:  # fmt: skip
     """Budget classes for the packed layout from the size distribution of the loader's molecules.
 
     The atom budget is ``batch_size * mean(n) + mean(n) / 2`` (greedy filling leaves on average
@@ -324,32 +334,40 @@ def design_budgets(
     with 10% headroom and one padding slot.
 
     Args:
-        n_atoms, pairs: (L,) atoms and pairs of each molecule of the loader.
+        indices: (L,) dataset indices of the loader's molecules.
+        n_atoms: (N,) atoms of every dataset molecule.
+        pair_counts: (N,) pairs of every dataset molecule (within a cutoff), or None: all ordered pairs.
     """
-    if n_atoms.size == 0:
+    L = indices.shape[0]
+    if L == 0:
         return [BatchShape(2, 2, 1)]
-    mean_n = float(n_atoms.mean())
-    a_cap = max(int(round(batch_size * mean_n + mean_n / 2)), int(n_atoms.max()))
-    order = np.random.default_rng([seed, _BUDGET_STREAM]).permutation(n_atoms.shape[0])
-    bounds = greedy_fill(n_atoms[order], pairs[order], a_cap, int(pairs.sum()) + 1, n_atoms.shape[0])
-    p_batch = _segment_sums(pairs[order], bounds)
+    counts = _counts_arg(pair_counts)
+    n_max, _, atoms_total, pairs_total = totals(indices, n_atoms, counts)
+    mean_n = atoms_total / L
+    a_cap = max(int(round(batch_size * mean_n + mean_n / 2)), n_max)
+    trial = _epoch_mols(indices, np.random.default_rng([seed, _BUDGET_STREAM]))
+    bounds, _, p_batch = greedy_plan(trial, n_atoms, counts, a_cap, pairs_total + 1, L)
+    del trial
     m_max = int(np.diff(bounds).max())
     m_budget = int(np.ceil(m_max * 1.1)) + 1
     return [BatchShape(a_cap + 1, m_budget, p) for p in choose_levels(p_batch, max_classes)]
 
 
-def check_budgets(budgets: list[BatchShape], indices: np.ndarray, n_atoms: np.ndarray, pairs: np.ndarray) -> None:
+def check_budgets(
+    budgets: list[BatchShape], indices: np.ndarray, n_atoms: np.ndarray, pair_counts: np.ndarray | None
+) -> None:  # fmt: skip
     """ConfigError naming the first molecule that fits no budget (one atom and slot stay padding)."""
     a_cap = max(b.A for b in budgets) - 1
     p_cap = max(b.P for b in budgets)
     if max(b.M for b in budgets) < 2 or a_cap < 1:
         raise ConfigError(f"budgets {budgets}: need A >= 2 and M >= 2 (one atom and one slot stay padding)")
-    n = n_atoms[indices]
-    bad = np.flatnonzero((n > a_cap) | (pairs > p_cap))
-    if bad.size:
-        i = int(bad[0])
+    j = first_over(indices, n_atoms, _counts_arg(pair_counts), a_cap, p_cap)
+    if j >= 0:
+        i = int(indices[j])
+        n = int(n_atoms[i])
+        pairs = int(pair_counts[i]) if pair_counts is not None else n * (n - 1)
         raise ConfigError(
-            f"molecule {int(indices[i])} has {int(n[i])} atoms and {int(pairs[i])} pairs; the largest "
+            f"molecule {i} has {n} atoms and {pairs} pairs; the largest "
             f"budget holds {a_cap} atoms and {p_cap} pairs"
         )
 
@@ -357,30 +375,25 @@ def check_budgets(budgets: list[BatchShape], indices: np.ndarray, n_atoms: np.nd
 def packed_plan(
     indices: np.ndarray,
     n_atoms: np.ndarray,
-    pairs: np.ndarray,
+    pair_counts: np.ndarray | None,
     budgets: list[BatchShape],
     rng: np.random.Generator | None,
 ) -> EpochPlan:
     """Shuffle, fill batches greedily to the largest budget, and give each the smallest class that holds it.
 
     Args:
-        indices: (L,) int64 dataset indices of the loader's molecules.
+        indices: (L,) dataset indices of the loader's molecules.
         n_atoms: (N,) atoms per molecule of the whole dataset.
-        pairs: (L,) pairs of each molecule of ``indices`` (all ordered pairs, or those within the cutoff).
+        pair_counts: (N,) pairs of every dataset molecule (within the cutoff), or None: all ordered pairs.
         budgets: the classes; ``check_budgets`` must have passed.
         rng: the epoch's generator, or None to keep the order of ``indices``.
     """
     shapes = tuple(sorted((BatchShape(*b) for b in budgets), key=lambda s: (s.P, s.A, s.M)))
-    order = rng.permutation(indices.shape[0]) if rng is not None else np.arange(indices.shape[0])
-    mols = np.asarray(indices, dtype=np.int64)[order]
-    atoms = n_atoms[mols].astype(np.int64)
-    mol_pairs = np.asarray(pairs, dtype=np.int64)[order]
+    mols = _epoch_mols(indices, rng)
     a_cap = max(s.A for s in shapes) - 1
     m_cap = max(s.M for s in shapes) - 1
     p_cap = max(s.P for s in shapes)
-    bounds = greedy_fill(atoms, mol_pairs, a_cap, p_cap, m_cap)
-    a_b = _segment_sums(atoms, bounds)
-    p_b = _segment_sums(mol_pairs, bounds)
+    bounds, a_b, p_b = greedy_plan(mols, n_atoms, _counts_arg(pair_counts), a_cap, p_cap, m_cap)
     m_b = np.diff(bounds)
     fits = np.stack([(a_b + 1 <= s.A) & (m_b + 1 <= s.M) & (p_b <= s.P) for s in shapes])
     shape_ids = np.argmax(fits, axis=0).astype(np.int32)  # first (smallest) class that fits
@@ -434,13 +447,13 @@ def split_plan(plan: EpochPlan, parts: int, sizes: np.ndarray, part_classes: tup
 
     Args:
         plan: the epoch plan of the global batches.
-        sizes: (N,) the dealing key of every dataset molecule (atoms, or pairs within a cutoff).
+        sizes: (N,) the dealing key of every dataset molecule (atoms, or pairs within a cutoff; any integer dtype).
         part_classes: ``part_shapes`` of ``plan.shapes``.
     """
     n_b = plan.n_batches
     counts = np.diff(plan.bounds)
     batch = np.repeat(np.arange(n_b, dtype=np.int64), counts)
-    by_size = np.lexsort((-np.asarray(sizes)[plan.mols], batch))  # within each batch, largest first
+    by_size = np.lexsort((-np.asarray(sizes)[plan.mols].astype(np.int64), batch))  # within each batch, largest first
     rank = np.arange(plan.mols.shape[0], dtype=np.int64) - np.repeat(plan.bounds[:-1], counts)
     row, col = np.divmod(rank, parts)
     part = np.where(row % 2 == 0, col, parts - 1 - col)

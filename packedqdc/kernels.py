@@ -64,30 +64,6 @@ def count_within(offsets: np.ndarray, R: np.ndarray, c2: np.float32, out: np.nda
         out[m] = count
 
 
-@numba.njit(cache=True, nogil=True)
-def greedy_bounds(atoms: np.ndarray, pairs: np.ndarray, a_cap: int, p_cap: int, m_cap: int) -> np.ndarray:
-    """(n_batches + 1,) int64 bounds of the greedy cut of (L,) int64 ``atoms``/``pairs`` under the caps.
-
-    A batch takes molecules in order until the next one would pass a cap. One pass, compiled: the
-    plan of an epoch is made in well under a microsecond per batch.
-    """
-    out = np.empty(atoms.shape[0] + 1, np.int64)
-    out[0] = 0
-    n_b, a, p, m = 0, 0, 0, 0
-    for i in range(atoms.shape[0]):
-        if m > 0 and (a + atoms[i] > a_cap or p + pairs[i] > p_cap or m + 1 > m_cap):
-            n_b += 1
-            out[n_b] = i
-            a, p, m = 0, 0, 0
-        a += atoms[i]
-        p += pairs[i]
-        m += 1
-    if m > 0:
-        n_b += 1
-        out[n_b] = atoms.shape[0]
-    return out[: n_b + 1].copy()
-
-
 # --------------------------------------------------------------------------------------------
 # Named structures the kernels take
 #
@@ -122,7 +98,7 @@ class PairRule(NamedTuple):
     Attributes:
         c2: float32 squared cutoff (``batching.squared_cutoff``), used when ``use_cutoff``.
         use_cutoff: list only pairs closer than ``sqrt(c2)``; False: all ordered pairs i != j.
-        counts: packed layout: (N,) int64 pairs within the cutoff of every dataset molecule
+        counts: packed layout: (N,) pairs (any integer dtype) within the cutoff of every dataset molecule
             (``cutoff_pair_counts``, the plan's counts, checked against the lists), or (0,) for all
             ordered pairs; not used by the padded layout.
     """
@@ -136,7 +112,7 @@ class Items(NamedTuple):
     """The ``G`` items of one call, each ``k`` batches of one class back to back.
 
     Attributes:
-        mols: (L,) int64 dataset indices of the epoch, batch after batch.
+        mols: (L,) dataset indices of the epoch, batch after batch (int32 or int64).
         lo, hi: (G, k) int64; batch ``b`` of item ``g`` holds ``mols[lo[g, b]:hi[g, b]]`` (lo == hi:
             all padding).
         cls: (G,) int64 class of each item (row of ``shapes``); all 0 in the padded layout.

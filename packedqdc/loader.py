@@ -22,7 +22,6 @@ from .batching import (
     BatchShape,
     EpochPlan,
     LayoutSpec,
-    all_pair_counts,
     block_plan,
     check_budgets,
     cutoff_pair_counts,
@@ -34,6 +33,7 @@ from .batching import (
 )
 from .errors import ConfigError, FormatError
 from .format import open_packed
+from .index import atom_counts, increasing, index_dtype, permutation, positions_where, take_in_place, totals
 from .prefetch import prefetched
 from .readahead import advise_random, will_need
 
@@ -74,7 +74,8 @@ class PackedMemmapLoader:
 
     Attributes:
         dataset: the open ``PackedDataset`` (memmaps).
-        n_atoms: (N_dataset,) int32 atoms of every molecule of the dataset, in memory.
+        n_atoms: (N_dataset,) atoms of every molecule of the dataset, in memory, in the smallest
+            unsigned dtype that holds them (uint8 below 256 atoms; cast before arithmetic).
         has_forces: the dataset has forces (``F`` is zeros otherwise); has_qtot likewise for ``Qtot``.
         epoch, position: the next batch to yield: epoch number and batches already yielded in it.
 
@@ -117,9 +118,8 @@ class PackedMemmapLoader:
             raise ConfigError(f"block_mib must be > 0 and window_blocks >= 1, got {block_mib}, {window_blocks}")
         self.path = Path(path)
         self.dataset = open_packed(path)
-        self.n_atoms = np.array(self.dataset.n_atoms, dtype=np.int32)
-        self._offsets = np.array(self.dataset.offsets, dtype=np.int64)
-        _check_index(self.path, self.n_atoms, self._offsets)
+        self.n_atoms = atom_counts(self.dataset)  # checked against the offsets
+        self._offsets = np.asarray(self.dataset.offsets)  # memory-mapped, not copied
         self.batch_size = int(batch_size)
         self.shuffle = bool(shuffle)
         self.bucket_size = int(bucket_size)
@@ -132,11 +132,11 @@ class PackedMemmapLoader:
         self.has_forces = self.dataset.F is not None
         self.has_qtot = self.dataset.Qtot is not None
         self._at = EpochPosition()  # the position of the latest iterator (it advances it)
-        self._indices = np.arange(self.dataset.n_molecules, dtype=np.int64)
+        self._indices: np.ndarray | None = None  # None: every molecule (made on first use)
         self.order, self.order_note = _resolve_order(self.dataset, order)
         self.block_mib = float(block_mib)
         self.window_blocks = int(window_blocks)
-        self._pair_counts: dict[float, np.ndarray] = {}  # dataset-wide, per cutoff; shared by derived loaders
+        self._pair_counts: dict[float, np.ndarray] = {}  # dataset-wide, per cutoff, compact; shared by derived loaders
         self._budget_cache: dict[float | None, list[BatchShape]] = {}
         self._plan_cache: tuple[Any, EpochPlan] | None = None
         self._split_cache: tuple[EpochPlan, int, EpochPlan] | None = None  # (plan, parts, its split)
@@ -146,7 +146,9 @@ class PackedMemmapLoader:
 
     @property
     def indices(self) -> np.ndarray:
-        """(N,) int64 dataset indices this loader serves. Setting it also sets ``N``."""
+        """(N,) dataset indices this loader serves (int32 below 2^31 molecules). Setting it also sets ``N``."""
+        if self._indices is None:
+            self._indices = np.arange(self.dataset.n_molecules, dtype=index_dtype(self.dataset.n_molecules))
         return self._indices
 
     @indices.setter
@@ -154,9 +156,9 @@ class PackedMemmapLoader:
         idx = np.asarray(value)
         if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
             raise ConfigError(f"indices must be a 1-D integer array, got shape {idx.shape} {idx.dtype}")
-        idx = idx.astype(np.int64)
-        bad = np.flatnonzero((idx < 0) | (idx >= self.dataset.n_molecules))
-        if bad.size:
+        idx = idx.astype(index_dtype(self.dataset.n_molecules), copy=False)
+        if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= self.dataset.n_molecules):
+            bad = np.flatnonzero((idx < 0) | (idx >= self.dataset.n_molecules))
             raise ConfigError(
                 f"indices[{int(bad[0])}] = {int(idx[bad[0]])} is outside the dataset's "
                 f"{self.dataset.n_molecules} molecules"
@@ -169,7 +171,7 @@ class PackedMemmapLoader:
     @property
     def N(self) -> int:
         """Number of molecules served (``len(indices)``). Assigning the same value is accepted."""
-        return int(self._indices.shape[0])
+        return self.dataset.n_molecules if self._indices is None else int(self._indices.shape[0])
 
     @N.setter
     def N(self, value: int) -> None:
@@ -266,7 +268,7 @@ class PackedMemmapLoader:
             if num_atoms is not None:
                 raise ConfigError("num_atoms applies to layout='padded'; the packed layout uses budgets")
             return LayoutSpec("packed", 0, cutoff)
-        sizes = self.n_atoms[self._indices]
+        sizes = self.n_atoms[self.indices]
         na = int(self.n_atoms.max(initial=1)) if num_atoms is None else int(num_atoms)
         if na < 1:
             raise ConfigError(f"num_atoms must be >= 1, got {na}")
@@ -274,27 +276,28 @@ class PackedMemmapLoader:
         if bad.size:
             i = int(bad[0])
             raise ConfigError(
-                f"molecule {int(self._indices[i])} has {int(sizes[i])} atoms, more than num_atoms={na}"
+                f"molecule {int(self.indices[i])} has {int(sizes[i])} atoms, more than num_atoms={na}"
             )
         return LayoutSpec("padded", na, cutoff)
 
-    def _pairs(self, cutoff: float | None) -> np.ndarray:
-        """(N,) int64 pairs of each served molecule (all ordered pairs, or those within ``cutoff``)."""
+    def _pairs(self, cutoff: float | None) -> np.ndarray | None:
+        """(N_dataset,) pairs within ``cutoff`` of every dataset molecule (compact, counted once per
+        cutoff on first use), or None for all ordered pairs (computed from ``n_atoms`` where needed)."""
         if cutoff is None:
-            return all_pair_counts(self.n_atoms[self._indices])
+            return None
         if cutoff not in self._pair_counts:
-            self._pair_counts[cutoff] = cutoff_pair_counts(self.dataset, self._offsets, cutoff)
-        return self._pair_counts[cutoff][self._indices]
+            self._pair_counts[cutoff] = cutoff_pair_counts(self.dataset, self._offsets, cutoff, self.n_atoms)
+        return self._pair_counts[cutoff]
 
     def _budgets(self, cutoff: float | None) -> list[BatchShape]:
         if cutoff not in self._budget_cache:
             pairs = self._pairs(cutoff)
             if self.budgets is not None:
-                check_budgets(self.budgets, self._indices, self.n_atoms, pairs)
+                check_budgets(self.budgets, self.indices, self.n_atoms, pairs)
                 self._budget_cache[cutoff] = list(self.budgets)
             else:
-                sizes = self.n_atoms[self._indices].astype(np.int64)
-                self._budget_cache[cutoff] = design_budgets(sizes, pairs, self.batch_size, self.seed)
+                self._budget_cache[cutoff] = design_budgets(self.indices, self.n_atoms, pairs, self.batch_size,
+                                                            self.seed)  # fmt: skip
         return self._budget_cache[cutoff]
 
     def _plan(self, spec: LayoutSpec, epoch: int) -> EpochPlan:
@@ -302,21 +305,22 @@ class PackedMemmapLoader:
                self.window_blocks)
         if self._plan_cache is not None and self._plan_cache[0] == key:
             return self._plan_cache[1]
+        self._plan_cache = self._split_cache = None  # let the last epoch's arrays go before making these
         rng = np.random.default_rng([self.seed, epoch]) if self.shuffle else None
         if rng is not None and self.order == "block":
             packed = spec.layout == "packed"
             per_atom = sum(a.itemsize * (3 if a.ndim == 2 else 1) for a in (self.dataset.Z, self.dataset.R,
                                                                             self.dataset.F) if a is not None)
             plan = block_plan(
-                self._indices, self.n_atoms, self._offsets, self._pairs(spec.cutoff) if packed else None,
+                self.indices, self.n_atoms, self._offsets, self._pairs(spec.cutoff) if packed else None,
                 self._budgets(spec.cutoff) if packed else None, self.batch_size, spec.num_atoms,
                 int(self.block_mib * 2**20 / per_atom), self.window_blocks, rng,
             )  # fmt: skip
         elif spec.layout == "padded":
-            plan = padded_plan(self._indices, self.n_atoms, self.batch_size, spec.num_atoms, self.bucket_size, rng)
+            plan = padded_plan(self.indices, self.n_atoms, self.batch_size, spec.num_atoms, self.bucket_size, rng)
         else:
             budgets = self._budgets(spec.cutoff)
-            plan = packed_plan(self._indices, self.n_atoms, self._pairs(spec.cutoff), budgets, rng)
+            plan = packed_plan(self.indices, self.n_atoms, self._pairs(spec.cutoff), budgets, rng)
         self._plan_cache = (key, plan)
         return plan
 
@@ -347,8 +351,10 @@ class PackedMemmapLoader:
         """Shapes of the parts of batches of ``shapes`` dealt ``parts`` ways (``part_shapes``)."""
         if parts == 1:
             return shapes
-        max_atoms = int(self.n_atoms[self._indices].max(initial=1))
-        max_pairs = int(self._pairs(spec.cutoff).max(initial=0)) if spec.layout == "packed" else 0
+        pairs = self._pairs(spec.cutoff)
+        max_atoms, max_pairs, _, _ = totals(self.indices, self.n_atoms, np.zeros(0, np.int64) if pairs is None else pairs)
+        max_atoms = max(max_atoms, 1)
+        max_pairs = max_pairs if spec.layout == "packed" else 0
         return part_shapes(shapes, parts, spec.layout, max_atoms, max_pairs, _deal_by_atoms(spec))
 
     def shapes(
@@ -627,18 +633,6 @@ def _seed_format(batch: Batch) -> Batch:
     }
 
 
-def _check_index(path: Path, n_atoms: np.ndarray, offsets: np.ndarray) -> None:
-    """FormatError if ``n_atoms`` and ``offsets`` disagree or a molecule has no atoms."""
-    diff = np.diff(offsets)
-    bad = np.flatnonzero((diff != n_atoms) | (n_atoms < 1))
-    if bad.size:
-        i = int(bad[0])
-        raise FormatError(
-            f"{path / 'n_atoms.npy'}: molecule {i} has n_atoms {int(n_atoms[i])} but offsets give {int(diff[i])} "
-            "(each molecule needs >= 1 atom)"
-        )
-
-
 def _check_shard(index: int, count: int) -> tuple[int, int]:
     index, count = int(index), int(count)
     if count < 1 or not 0 <= index < count:
@@ -659,8 +653,23 @@ def split_loader(
     if not 0.0 < float(train_fraction) < 1.0:
         raise ConfigError(f"train_fraction must be between 0 and 1 (exclusive), got {train_fraction}")
     rng = np.random.default_rng(loader.seed if seed is None else int(seed))
-    perm = loader.indices[rng.permutation(loader.N)]
-    n_train = int(round(float(train_fraction) * loader.N))
-    train = loader._derive(np.sort(perm[:n_train]))
-    valid = loader._derive(np.sort(perm[n_train:]), shuffle=False)
+    N = loader.N
+    perm = permutation(N, rng)  # the values of rng.permutation(N), int32
+    n_train = int(round(float(train_fraction) * N))
+    ordered = loader._indices is None or increasing(loader._indices)
+    if not ordered:  # any order: sort the values
+        train_idx, valid_idx = np.sort(loader.indices[perm[:n_train]]), np.sort(loader.indices[perm[n_train:]])
+    else:  # sorted indices: the sorted positions of each part, by a mask (no sort, no int64 copy)
+        in_valid = np.zeros(N, dtype=bool)
+        in_valid[perm[n_train:]] = True
+        del perm
+        dtype = index_dtype(loader.dataset.n_molecules)
+        train_idx = positions_where(in_valid, False, np.empty(n_train, dtype))
+        valid_idx = positions_where(in_valid, True, np.empty(N - n_train, dtype))
+        del in_valid
+        if loader._indices is not None:
+            take_in_place(train_idx, loader._indices)
+            take_in_place(valid_idx, loader._indices)
+    train = loader._derive(train_idx)
+    valid = loader._derive(valid_idx, shuffle=False)
     return train, valid

@@ -22,6 +22,7 @@ from .format import PackedDataset
 RANDOM = getattr(mmap, "MADV_RANDOM", None)
 NORMAL = getattr(mmap, "MADV_NORMAL", None)
 WILLNEED = getattr(mmap, "MADV_WILLNEED", None)
+DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
 
 
 def _maps(ds: PackedDataset) -> tuple[list[tuple[np.ndarray, int]], list[tuple[np.ndarray, int]]]:
@@ -64,3 +65,15 @@ def will_need(ds: PackedDataset, spans: np.ndarray) -> None:
             _advise(array, WILLNEED, a0 * per, (a1 - a0) * per)
         for array, per in mols:
             _advise(array, WILLNEED, m0 * per, (m1 - m0) * per)
+
+
+def chunks(array: np.ndarray, rows: int):  # noqa: ANN201 - Iterator[np.ndarray]
+    """In-memory copies of ``rows`` rows of a memory-mapped ``array`` at a time, each chunk's pages
+    handed back after it is copied (``MADV_DONTNEED``: they leave this process's resident memory
+    and stay in the page cache), so a pass over a file larger than memory keeps its resident
+    memory at one chunk. A plain array is sliced (and copied) the same way."""
+    per = array.itemsize * int(np.prod(array.shape[1:], dtype=np.int64))
+    for lo in range(0, array.shape[0], rows):
+        part = np.array(array[lo : lo + rows])
+        _advise(array, DONTNEED, lo * per, part.shape[0] * per)
+        yield part

@@ -1,8 +1,10 @@
 """Size and padding statistics of a packed directory (``packedqdc stats``).
 
-Works from ``n_atoms`` (one int32 per molecule) and streams ``Z``, ``E`` and ``F`` in chunks, so
-memory stays bounded on large datasets. The padding figures use the loader's own planning code
-(``packedqdc.batching``), so they are what training will see in epoch 0.
+Works from the atom counts (one byte per molecule below 256 atoms, read from the index in chunks,
+``packedqdc.index.atom_counts``) and streams ``Z``, ``E`` and ``F`` in chunks, so memory stays
+bounded on large datasets. The padding figures use the loader's own planning code
+(``packedqdc.batching``), so they are what training will see in epoch 0; above
+``EFFICIENCY_SAMPLE`` molecules they come from a seeded uniform sample of that many.
 """
 
 from __future__ import annotations
@@ -13,12 +15,17 @@ from typing import Any
 import numpy as np
 
 from .batching import all_pair_counts, design_budgets, packed_plan, padded_plan
+from .index import CHUNK, atom_counts
+from .readahead import chunks
 from .elements import MAX_Z, element_histogram, symbol
 from .errors import FormatError
 from .finite import all_finite
-from .format import N_ATOMS, OFFSETS, Z_FILE, open_packed
+from .format import Z_FILE, open_packed
 
 DEFAULT_SWEEP = (256, 1024, 4096, 8192, 32768, 131072)
+#: above this many molecules, slot efficiencies are computed on a uniform sample of about this many
+EFFICIENCY_SAMPLE = 1 << 22
+_SAMPLE_STREAM = 0x5A3B1E  # rng stream of that sample
 
 
 def _stream_range(array: np.ndarray, chunk: int) -> dict[str, float] | None:
@@ -28,8 +35,8 @@ def _stream_range(array: np.ndarray, chunk: int) -> dict[str, float] | None:
     if array is None or array.shape[0] == 0:
         return None
     lo, hi, total, total2, count, absmax, bad = np.inf, -np.inf, 0.0, 0.0, 0, 0.0, 0
-    for start in range(0, array.shape[0], chunk):
-        part = np.asarray(array[start : start + chunk], dtype=np.float64)
+    for part in chunks(array, chunk):
+        part = np.asarray(part, dtype=np.float64)
         if not all_finite(part):
             finite = np.isfinite(part)
             bad += int(part.size - finite.sum())
@@ -50,7 +57,9 @@ def _stream_range(array: np.ndarray, chunk: int) -> dict[str, float] | None:
 
 def _element_counts(ds: Any, chunk: int) -> dict[str, int]:
     """Atoms per element symbol, counted from ``Z`` (never taken from meta.json unchecked)."""
-    counts = element_histogram(ds.Z, chunk)
+    counts = np.zeros(MAX_Z + 2, dtype=np.int64)
+    for part in chunks(ds.Z, chunk):
+        counts += element_histogram(part)
     invalid = int(counts[0] + counts[MAX_Z + 1])
     if invalid:
         raise FormatError(f"{ds.path / Z_FILE}: {invalid} atomic number(s) outside 1..{MAX_Z}; "
@@ -58,15 +67,19 @@ def _element_counts(ds: Any, chunk: int) -> dict[str, int]:
     return {symbol(z): int(c) for z, c in enumerate(counts[: MAX_Z + 1]) if c and z > 0}
 
 
-def _check_sizes(ds: Any, n_atoms: np.ndarray) -> None:
-    """The per-molecule sizes every figure is computed from must agree with ``offsets``."""
-    if n_atoms.size and int(n_atoms.min()) < 1:
-        bad = int(np.argmax(n_atoms < 1))
-        raise FormatError(f"{ds.path / N_ATOMS}: molecule {bad} has {int(n_atoms[bad])} atoms; "
-                          f"run 'packedqdc validate {ds.path}'")
-    if int(n_atoms.sum(dtype=np.int64)) != ds.n_atoms_total:
-        raise FormatError(f"{ds.path / N_ATOMS}: sums to {int(n_atoms.sum(dtype=np.int64))} atoms but "
-                          f"{OFFSETS} says {ds.n_atoms_total}; run 'packedqdc validate {ds.path}'")
+def efficiency_sample(sizes: np.ndarray, seed: int, target: int = EFFICIENCY_SAMPLE) -> np.ndarray:
+    """``sizes`` itself when it has at most ``target`` molecules, else a seeded uniform sample of about
+    ``target`` of them (each kept with probability ``target / N``, drawn chunk by chunk).
+
+    The slot efficiencies of a layout are averages over batches of random molecules: a few million
+    molecules give them to three digits, and the plans of a sample need memory for the sample only.
+    """
+    n = sizes.shape[0]
+    if n <= target:
+        return sizes
+    rng = np.random.default_rng([seed, _SAMPLE_STREAM])
+    keep = target / n
+    return np.concatenate([sizes[lo : lo + CHUNK][rng.random(min(CHUNK, n - lo)) < keep] for lo in range(0, n, CHUNK)])
 
 
 def padded_efficiency(n_atoms: np.ndarray, batch_size: int, num_atoms: int | None, bucket_size: int, seed: int) -> dict[str, Any]:
@@ -76,7 +89,7 @@ def padded_efficiency(n_atoms: np.ndarray, batch_size: int, num_atoms: int | Non
     seed's behaviour, each batch padded to its own largest molecule (and the last batch smaller),
     so the number of distinct shapes is what XLA would compile.
     """
-    idx = np.arange(n_atoms.shape[0], dtype=np.int64)
+    idx = np.arange(n_atoms.shape[0], dtype=np.int32)
     na_max = int(n_atoms.max())
     plan = padded_plan(idx, n_atoms, batch_size, num_atoms or na_max, bucket_size, np.random.default_rng([seed, 0]))
     sizes = n_atoms[plan.mols].astype(np.int64)
@@ -108,8 +121,9 @@ def packed_efficiency(n_atoms: np.ndarray, batch_size: int, seed: int) -> dict[s
     """Slot efficiency, shapes and budgets of the packed layout (all pairs) in epoch 0."""
     sizes = n_atoms.astype(np.int64)
     pairs = all_pair_counts(sizes)
-    budgets = design_budgets(sizes, pairs, batch_size, seed)
-    plan = packed_plan(np.arange(sizes.shape[0]), n_atoms, pairs, budgets, np.random.default_rng([seed, 0]))
+    idx = np.arange(sizes.shape[0], dtype=np.int32)
+    budgets = design_budgets(idx, n_atoms, None, batch_size, seed)
+    plan = packed_plan(idx, n_atoms, None, budgets, np.random.default_rng([seed, 0]))
     used = np.asarray([plan.shapes[s] for s in plan.shape_ids], dtype=np.int64).reshape(-1, 3)
     return {
         "atom_efficiency": float(sizes.sum() / used[:, 0].sum()),
@@ -136,17 +150,18 @@ def dataset_stats(
         FormatError: the directory cannot be opened.
     """
     ds = open_packed(path)
-    n_atoms = np.asarray(ds.n_atoms, dtype=np.int32)
-    _check_sizes(ds, n_atoms)
-    sizes, counts = np.unique(n_atoms, return_counts=True)
+    all_sizes = atom_counts(ds)  # compact (uint8 below 256 atoms), checked against the offsets
+    histogram = np.bincount(all_sizes)
+    sizes = np.flatnonzero(histogram)
+    counts = histogram[sizes]
     out: dict[str, Any] = {
         "path": str(ds.path),
         "n_molecules": ds.n_molecules,
         "n_atoms_total": ds.n_atoms_total,
         "atoms_per_molecule": {
-            "min": int(n_atoms.min()) if n_atoms.size else 0,
-            "max": int(n_atoms.max(initial=0)),
-            "mean": float(n_atoms.mean()) if n_atoms.size else 0.0,
+            "min": int(sizes[0]) if sizes.size else 0,
+            "max": int(sizes[-1]) if sizes.size else 0,
+            "mean": float(ds.n_atoms_total / ds.n_molecules) if ds.n_molecules else 0.0,
         },
         "size_histogram": {int(s): int(c) for s, c in zip(sizes, counts)},
         "elements": _element_counts(ds, chunk),
@@ -156,7 +171,13 @@ def dataset_stats(
     }
     if ds.n_molecules == 0:
         return out
+    n_atoms = efficiency_sample(all_sizes, seed)
+    if n_atoms.shape[0] < ds.n_molecules:
+        out["efficiency_sample"] = int(n_atoms.shape[0])  # molecules the efficiencies below come from
     out["padded"] = padded_efficiency(n_atoms, batch_size, num_atoms, bucket_size, seed)
+    if not out["padded"]["fits"]:  # name the dataset's first molecule, not the sample's
+        first = int(np.argmax(all_sizes > num_atoms))
+        out["padded"].update(first_too_large=first, its_atoms=int(all_sizes[first]))
     out["packed"] = packed_efficiency(n_atoms, batch_size, seed)
     out["bucket_sweep"] = [
         {"bucket_size": b, **padded_efficiency(n_atoms, batch_size, None, b, seed)}

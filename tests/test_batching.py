@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from packedqdc.index import greedy_plan
 from packedqdc.batching import (
     BatchShape,
     choose_levels,
     cutoff_pair_counts,
     design_budgets,
-    greedy_fill,
     packed_plan,
     padded_plan,
     pair_templates,
@@ -36,8 +36,12 @@ def test_greedy_fill_respects_caps():
     rng = np.random.default_rng(0)
     atoms = rng.integers(1, 20, 500)
     pairs = atoms * (atoms - 1)
-    bounds = greedy_fill(atoms, pairs, 100, 1500, 9)
+    bounds, a_b, p_b = greedy_plan(np.arange(500), atoms, pairs, 100, 1500, 9)
     assert bounds[0] == 0 and bounds[-1] == 500
+    np.testing.assert_array_equal(a_b, [atoms[lo:hi].sum() for lo, hi in zip(bounds[:-1], bounds[1:])])
+    np.testing.assert_array_equal(p_b, [pairs[lo:hi].sum() for lo, hi in zip(bounds[:-1], bounds[1:])])
+    np.testing.assert_array_equal(greedy_plan(np.arange(500), atoms.astype(np.uint8), np.zeros(0, np.int64), 100,
+                                              1500, 9)[0], bounds)  # all pairs computed from the sizes
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         assert hi > lo and atoms[lo:hi].sum() <= 100 and pairs[lo:hi].sum() <= 1500 and hi - lo <= 9
         if hi < 500:  # closed because the next molecule did not fit
@@ -57,7 +61,8 @@ def test_design_budgets_and_plan_cover_every_molecule_once():
     n_atoms = rng.integers(3, 30, 3000).astype(np.int32)
     idx = np.arange(3000)
     pairs = n_atoms.astype(np.int64) * (n_atoms - 1)
-    budgets = design_budgets(n_atoms.astype(np.int64), pairs, 32, seed=0)
+    budgets = design_budgets(idx, n_atoms, pairs, 32, seed=0)
+    assert design_budgets(idx.astype(np.int32), n_atoms.astype(np.uint8), None, 32, seed=0) == budgets
     assert 1 <= len(budgets) <= 4 and all(b.A == budgets[0].A for b in budgets)
     plan = packed_plan(idx, n_atoms, pairs, budgets, np.random.default_rng(3))
     assert sorted(plan.mols.tolist()) == idx.tolist()
@@ -83,7 +88,8 @@ def test_split_plan_parts_hold_the_batch_and_fit_their_shapes(parts, batch_size)
     rng = np.random.default_rng(parts * 100 + batch_size)
     n_atoms = np.clip(np.round(3 + rng.gamma(2.0, 12.0, 3000)), 1, 110).astype(np.int32)
     pairs = n_atoms.astype(np.int64) * (n_atoms - 1)
-    plan = packed_plan(np.arange(3000), n_atoms, pairs, design_budgets(n_atoms, pairs, batch_size, 0), rng)
+    idx = np.arange(3000)
+    plan = packed_plan(idx, n_atoms, pairs, design_budgets(idx, n_atoms, pairs, batch_size, 0), rng)
     classes = part_shapes(plan.shapes, parts, "packed", int(n_atoms.max()), int(pairs.max()), True)
     split = split_plan(plan, parts, n_atoms, classes)
     assert split.n_batches == plan.n_batches * parts and split.shapes == classes
@@ -119,7 +125,8 @@ def test_cutoff_pair_counts_match_brute_force(tmp_path):
         w.commit()
     ds = open_packed(tmp_path / "d")
     offsets = np.asarray(ds.offsets, dtype=np.int64)
-    got = cutoff_pair_counts(ds, offsets, 2.0)
+    got = cutoff_pair_counts(ds, offsets, 2.0, np.asarray(ds.n_atoms))
+    assert got.dtype == np.uint8  # at most 11 * 10 pairs
     for i in range(50):
         r = R[offsets[i] : offsets[i + 1]]
         d = np.linalg.norm(r[:, None] - r[None], axis=-1)

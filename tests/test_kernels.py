@@ -206,18 +206,3 @@ def test_claimed_fills_every_piece_and_raises_errors():
         assert set(seen) == set(range(17))
     with pytest.raises(ValueError, match="piece 0"):
         kernels.claimed(fill, 8, 2, (0,))
-
-
-def test_greedy_bounds_matches_a_plain_loop():
-    rng = np.random.default_rng(3)
-    atoms = rng.integers(1, 30, 1000)
-    pairs = atoms * (atoms - 1)
-    got = kernels.greedy_bounds(atoms, pairs, 120, 2500, 9).tolist()
-    want, a, p, m = [0], 0, 0, 0
-    for i, (x, y) in enumerate(zip(atoms, pairs)):
-        if m and (a + x > 120 or p + y > 2500 or m + 1 > 9):
-            want.append(i)
-            a = p = m = 0
-        a, p, m = a + x, p + y, m + 1
-    assert got == want + [1000]
-    assert kernels.greedy_bounds(atoms[:0], pairs[:0], 1, 1, 1).tolist() == [0]

@@ -514,3 +514,41 @@ def test_auto_order_picks_by_data_size_against_available_memory(data, monkeypatc
     assert loader.order == "block" and "chose block order" in loader.order_note
     with pytest.raises(ConfigError, match="order must be one of"):
         PackedMemmapLoader(data, 8, order="random")
+
+
+def test_the_index_is_compact_and_gives_the_int64_results(data):
+    """At scale the loader keeps atom counts as uint8, molecule indices and plans as int32, the
+    offsets memory-mapped and the pair counts within a cutoff compact, and every result is the one
+    the plain int64 formulas give: the split, the epoch's molecules and its greedy batches."""
+    loader = PackedMemmapLoader(data, 8, seed=4)
+    N = loader.N
+    assert loader.n_atoms.dtype == np.uint8 and not loader._offsets.flags.owndata
+    np.testing.assert_array_equal(loader.n_atoms, np.diff(np.asarray(open_packed(data).offsets)))
+    train, valid = split_loader(loader, 0.8)
+    assert train.indices.dtype == valid.indices.dtype == np.int32
+    perm = np.random.default_rng(4).permutation(N)
+    n_train = int(round(0.8 * N))
+    np.testing.assert_array_equal(train.indices, np.sort(perm[:n_train]))
+    np.testing.assert_array_equal(valid.indices, np.sort(perm[n_train:]))
+    scrambled = PackedMemmapLoader(data, 8, seed=4)
+    scrambled.indices = np.random.default_rng(0).permutation(N)[: N // 2]  # not sorted: the sorting path
+    part, _ = split_loader(scrambled, 0.5, seed=1)
+    want = np.sort(scrambled.indices[np.random.default_rng(1).permutation(N // 2)[: int(round(0.5 * (N // 2)))]])
+    np.testing.assert_array_equal(part.indices, want)
+
+    plan = train._plan(train._spec("packed", None, None), 3)
+    assert plan.mols.dtype == np.int32
+    mols = train.indices.astype(np.int64)[np.random.default_rng([4, 3]).permutation(train.N)]
+    np.testing.assert_array_equal(plan.mols, mols)
+    A, M, P = max(s.A for s in plan.shapes) - 1, max(s.M for s in plan.shapes) - 1, max(s.P for s in plan.shapes)
+    bounds, a, p, m = [0], 0, 0, 0
+    for j, i in enumerate(mols.tolist()):
+        n = int(loader.n_atoms[i])
+        if m and (a + n > A or p + n * (n - 1) > P or m + 1 > M):
+            bounds.append(j)
+            a = p = m = 0
+        a, p, m = a + n, p + n * (n - 1), m + 1
+    assert plan.bounds.tolist() == bounds + [train.N]
+
+    train.shapes(layout="packed", cutoff=2.0)
+    assert train._pair_counts[2.0].dtype == np.uint8  # at most 14 * 13 pairs
