@@ -137,6 +137,10 @@ class PhysNet(nn.Module):
           charges_uncorrected: (A,) e, s^Q_Z Σ_m q_i^m + μ^Q_Z (0 on padding).
           sum_charges: (M,) e, per-molecule sum of the uncorrected charges (PhysNet's charge
             loss compares this with Qtot).
+          dipole: (M, 3) e·Å, Σ_i q̃_i (R_i − c) over the molecule's atoms, with c the molecule's
+            centroid (mean atom position): PhysNet's dipole of the corrected charges, taken about
+            the centroid so that an ion's dipole does not depend on where it sits (the packed
+            format's ``D.f64`` convention; 0 for empty slots).
           nh_loss: () non-hierarchicality penalty Σ_{m≥1} mean((o^m)² / ((o^m)² + (o^{m−1})² +
             1e−7)), the mean over real atoms and both output channels.
         """
@@ -210,6 +214,7 @@ class PhysNet(nn.Module):
         charges_raw = (per_element(q_scale) * out_sum[:, 1] + per_element(q_shift)) * amask
         sum_charges = jax.ops.segment_sum(charges_raw, batch_segments, num_segments=num_molecules)
         charges = correct_charges(charges_raw, batch_segments, atom_mask, Qtot, num_molecules)
+        dipole = molecular_dipoles(charges, R, batch_segments, atom_mask, num_molecules)
 
         if self.electrostatics:
             e_ele_atom = electrostatic_energy_per_atom(charges, r, dst_idx, src_idx, pair_mask,
@@ -227,8 +232,24 @@ class PhysNet(nn.Module):
             "charges": charges,
             "charges_uncorrected": charges_raw,
             "sum_charges": sum_charges,
+            "dipole": dipole,
             "nh_loss": nh_loss,
         }
+
+
+def molecular_dipoles(charges: Array, R: Array, batch_segments: Array, atom_mask: Array,
+                      num_molecules: int) -> Array:
+    """(M, 3) e·Å dipoles Σ_i q_i (R_i − c_m) about each molecule's centroid c_m.
+
+    Args: charges (A,) e (0 on padding); R (A, 3) Å; batch_segments (A,) molecule slots;
+    atom_mask (A,) bool; num_molecules M (static).
+    """
+    amask = atom_mask.astype(R.dtype)
+    count = jax.ops.segment_sum(amask, batch_segments, num_segments=num_molecules)
+    centroid = jax.ops.segment_sum(R * amask[:, None], batch_segments, num_segments=num_molecules)
+    centroid = centroid / jnp.maximum(count, 1.0)[:, None]
+    arm = (R - centroid[batch_segments]) * amask[:, None]
+    return jax.ops.segment_sum(charges[:, None] * arm, batch_segments, num_segments=num_molecules)
 
 
 #: The seed's name for the model: ``EF(features=128, num_iterations=3, cutoff=5.0, natoms=60)``.

@@ -36,6 +36,9 @@ PHYSNET_NH_WEIGHT = 0.01
 #: i.e. 23x weaker than PhysNet's eV values; measured better in short runs (docs/training.md).
 DEFAULT_CHARGE_WEIGHT_KCAL = PHYSNET_CHARGE_WEIGHT
 DEFAULT_NH_WEIGHT_KCAL = 0.01
+#: PhysNet's dipole weight (config.txt, eV per e·Å), read in kcal/mol per e·Å like the charge weight;
+#: used only when the training data has dipoles (D.f64).
+DEFAULT_DIPOLE_WEIGHT_KCAL = 27.211386024367243
 #: A run name is one plain directory name, so that a run stays inside its runs directory.
 RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+=@-]*")
 
@@ -73,7 +76,8 @@ class TrainConfig:
     ``cutoff`` (Å), ``electrostatics`` (None: on iff the training data has charged molecules).
 
     Loss: ``loss`` ("mae" as PhysNet, or "mse") with ``energy_weight``, ``forces_weight``,
-    ``charge_weight`` and ``nh_weight`` (non-hierarchicality penalty).
+    ``charge_weight``, ``dipole_weight`` (only for data with dipoles) and ``nh_weight``
+    (non-hierarchicality penalty).
 
     Optimiser: AMSGrad (``b1``, ``b2``, ``eps``) after global-norm clipping at ``clip_norm``;
     ``learning_rate`` decays as ``lr * decay_rate ** (step / decay_steps)`` ("exponential") or is
@@ -117,6 +121,10 @@ class TrainConfig:
     nh_weight: float | None = option(
         None, "Loss", "Weight of the non-hierarchicality penalty, energy in the loss unit [default: 0.01 "
         "kcal/mol (4.3e-4 with --loss-unit ev); PhysNet's is 0.01 eV = 0.2306 kcal/mol].")
+    dipole_weight: float | None = option(
+        None, "Loss", "Weight of the dipole term, energy per e·Å in the loss unit; used only when the data has "
+        "dipoles (D.f64) [default: 27.21 kcal/mol per e·Å (1.18 with --loss-unit ev), PhysNet's number; 0 turns "
+        "the term off, see docs/training.md].")
     loss_unit: str = option(
         "kcal/mol", "Loss", "Energy unit of the loss: errors are converted to it before weighting (ev: PhysNet's "
         "own units, whose AMSGrad ε is then 23x larger relative to the gradients).", choices=LOSS_UNITS)
@@ -162,6 +170,8 @@ class TrainConfig:
             (self.cutoff > 0, f"cutoff must be > 0, got {self.cutoff}"),
             (self.decay_steps >= 1, f"decay_steps must be >= 1, got {self.decay_steps}"),
             (self.loss_unit in LOSS_UNITS, f"loss_unit must be one of {', '.join(LOSS_UNITS)}, got {self.loss_unit!r}"),
+            (self.dipole_weight is None or self.dipole_weight >= 0,
+             f"dipole_weight must be >= 0, got {self.dipole_weight}"),
             (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
             (0.0 <= self.final_lr_scale <= 1.0, f"final_lr_scale must be in [0, 1], got {self.final_lr_scale}"),
             (0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {self.ema_decay}"),
@@ -186,6 +196,12 @@ class TrainConfig:
         charge = DEFAULT_CHARGE_WEIGHT_KCAL * per_kcal if self.charge_weight is None else self.charge_weight
         nh = DEFAULT_NH_WEIGHT_KCAL * per_kcal if self.nh_weight is None else self.nh_weight
         return charge, nh
+
+    def dipole_term_weight(self) -> float:
+        """The dipole weight in the loss unit: the given one, or the default (kcal/mol per e·Å)
+        converted to it. Applies only to data with dipoles (``step.loss_weights``)."""
+        per_kcal = 1.0 if self.loss_unit == "kcal/mol" else 1.0 / EV_TO_KCAL_MOL
+        return DEFAULT_DIPOLE_WEIGHT_KCAL * per_kcal if self.dipole_weight is None else self.dipole_weight
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with ``changes`` applied (validated again)."""

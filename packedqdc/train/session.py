@@ -85,7 +85,7 @@ def _assemble(cfg: TrainConfig, run_dir: Path, model: PhysNet, reference: Refere
               state: TrainState, streams: tuple[LoaderStream, LoaderStream], has_forces: bool,
               placement: Placement, dataset: dict[str, Any], lock: RunLock | None,
               checkpoints: RunCheckpoints | None = None) -> Trainer:
-    weights = loss_weights(cfg, has_forces)
+    weights = loss_weights(cfg, has_forces, streams[0].loader.has_dipoles)
     return Trainer(cfg=cfg, run_dir=run_dir, model=model, reference=reference, weights=weights,
                    state=placement.replicate(state), train_data=streams[0], valid_data=streams[1],
                    train_step=placement.jit(make_train_step(model, cfg, weights)),
