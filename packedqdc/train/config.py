@@ -25,11 +25,16 @@ PHYSNET_CHARGE_WEIGHT = 14.399645351950548
 LAYOUTS = ("packed", "padded")
 ORDERS = ("auto", "molecule", "block")  # the loader's (packedqdc.loader.ORDERS)
 LOSSES = ("mae", "mse")
+#: Pair lists of the network: every ordered pair of each molecule, or those within --cutoff.
+PAIR_LISTS = ("auto", "all", "cutoff")
+#: pair_list="auto" takes cutoff pair lists when the training data's largest molecule has more atoms
+AUTO_CUTOFF_MIN_ATOMS = 40
 LR_SCHEDULES = ("exponential", "plateau", "cosine")
 #: Energy units the loss can be computed in (the data are always kcal/mol).
 LOSS_UNITS = ("ev", "kcal/mol")
 #: Values of options added after a run's config.json was written that reproduce what such a run did.
-LEGACY_VALUES: dict[str, Any] = {"loss_unit": "kcal/mol", "warmup_steps": 0, "charge_embedding": False}
+LEGACY_VALUES: dict[str, Any] = {"loss_unit": "kcal/mol", "warmup_steps": 0, "charge_embedding": False,
+                                 "pair_list": "all"}
 #: PhysNet's non-hierarchicality weight (config.txt), in eV.
 PHYSNET_NH_WEIGHT = 0.01
 #: Default charge and nh weights, kcal/mol per e and kcal/mol: PhysNet's numbers read in kcal/mol,
@@ -106,6 +111,11 @@ class TrainConfig:
     num_iterations: int = option(3, "Model", "PhysNet modules (interaction + output blocks).")
     num_basis: int = option(64, "Model", "Radial basis functions.")
     cutoff: float = option(5.0, "Model", "Short-range cutoff, Å.")
+    pair_list: str = option(
+        "auto", "Model", "Pairs the network sees: all (every ordered pair of each molecule) or cutoff (only pairs "
+        "closer than --cutoff; the Coulomb term still covers every pair); auto: cutoff when the largest molecule has "
+        f"more than {AUTO_CUTOFF_MIN_ATOMS} atoms (the choice is saved). Same model either way, see docs/training.md.",
+        choices=PAIR_LISTS)
     electrostatics: bool | None = option(
         None, "Model", "Shielded Coulomb energy of the atomic charges [default: on iff the training data has "
         "charged molecules].")
@@ -157,6 +167,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         checks = [
             (self.layout in LAYOUTS, f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}"),
+            (self.pair_list in PAIR_LISTS, f"pair_list must be one of {', '.join(PAIR_LISTS)}, got {self.pair_list!r}"),
             (self.loss in LOSSES, f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}"),
             (self.lr_schedule in LR_SCHEDULES,
              f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}"),

@@ -18,6 +18,7 @@ from ..errors import ConfigError, FormatError, TrainingError
 from ..finite import all_finite
 from ..format import Z_FILE, PackedDataset
 from ..loader import PackedMemmapLoader
+from ..model.physnet import cutoff_pairs, with_coulomb_window
 from .config import TrainConfig
 from .data import LoaderStream
 from .loop import evaluate_stream
@@ -69,7 +70,9 @@ def evaluate_run(run_dir: str | Path, data_path: str | Path, which: str = "best"
     cfg = meta["config"]
     loader = PackedMemmapLoader(data_path, batch_size=int(cfg["batch_size"]), shuffle=False)
     check_elements(loader.dataset, reference)
-    stream = LoaderStream(loader, reference, layout="packed", num_atoms=int(cfg["num_atoms"]))
+    model = with_coulomb_window(model, int(loader.n_atoms.max(initial=1)))
+    stream = LoaderStream(loader, reference, layout="packed", num_atoms=int(cfg["num_atoms"]),
+                          cutoff=cutoff_pairs(model))  # the pairs the run trained on
     weights = loss_weights(TrainConfig.from_dict(meta["config"]), loader.has_forces, loader.has_dipoles)
     eval_step = make_eval_step(model, weights)
     baseline = _Baseline(loader.dataset)
