@@ -1,7 +1,9 @@
-"""Index order, shape classes (budgets), and batch assembly with pair lists (numba kernels).
+"""Index order, shape classes (budgets) and pair counts: the plan of an epoch.
 
 Everything here works on plain numpy arrays and a :class:`~packedqdc.format.PackedDataset`; the
-loader (:mod:`packedqdc.loader`) adds epochs, prefetch, sharding and resumable position on top.
+batches themselves are assembled by :mod:`packedqdc.assembly` (into the buffers of
+:mod:`packedqdc.buffers`, with the kernels of :mod:`packedqdc.kernels`), and the loader
+(:mod:`packedqdc.loader`) adds epochs, prefetch, sharding and resumable position on top.
 
 Two layouts share one batch contract (``docs/architecture.md``):
 
@@ -12,19 +14,10 @@ Two layouts share one batch contract (``docs/architecture.md``):
 - ``packed``: molecules fill an atom budget ``A`` and a pair budget ``P`` back to back; a few budget
   classes ``(A, M, P)`` keep padding small. The last atom slot and the last molecule slot of a
   packed batch are always padding, so padding atoms and pairs have a valid place to point.
-
-Assembly is one call of a compiled kernel (:mod:`packedqdc.kernels`) per item, in the calling
-thread or cut into runs filled side by side on a small pool of threads (``threads``): atoms are copied as contiguous
-slices of the memmaps, pair lists are written in place, and only the padding that the previous
-content of a reused buffer dirtied is rewritten.
 """
-
 from __future__ import annotations
 
-import collections
 import functools
-import sys
-import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -32,15 +25,7 @@ import numpy as np
 
 from .errors import ConfigError
 from .format import PackedDataset
-from .kernels import (
-    count_within,
-    fill_packed,
-    fill_packed_threaded,
-    fill_padded,
-    fill_padded_threaded,
-    greedy_bounds,
-    kernel_threads,
-)
+from .kernels import count_within, greedy_bounds
 
 BATCH_KEYS = (
     "Z", "R", "F", "atom_mask", "batch_segments",
@@ -467,7 +452,7 @@ def split_plan(plan: EpochPlan, parts: int, sizes: np.ndarray, part_classes: tup
 
 
 # --------------------------------------------------------------------------------------------
-# Assembly: buffers and items
+# Layouts
 # --------------------------------------------------------------------------------------------
 
 
@@ -478,297 +463,6 @@ class LayoutSpec:
     layout: str  # "padded" or "packed"
     num_atoms: int = 0  # padded layout only
     cutoff: float | None = None
-
-
-# the kernels' output arguments, in order
-_PADDED_OUTPUTS = ("Z", "R", "F", "atom_mask", "E", "Qtot", "N", "mol_mask", "mol_idx", "pair_mask")
-_PACKED_OUTPUTS = (
-    "Z", "R", "F", "atom_mask", "batch_segments", "E", "Qtot", "N", "mol_mask", "mol_idx",
-    "dst_idx", "src_idx", "pair_mask",
-)  # fmt: skip
-
-ITEMS_PER_CALL = 4  # items a kernel call fills per thread when buffers are reused
-RECYCLE_SCAN = 4  # rings checked for reuse per item of batches(reuse_buffers=False)
-RECYCLE_TRACK = 64  # rings of handed-out items tracked for reuse at most
-
-
-class _Ring:
-    """``rows`` buffer sets for items of ``group`` batches of the classes ``shapes``, and their views.
-
-    ``arrays`` are the kernels' outputs as (rows, group * largest size) arrays; an item of class
-    ``c`` in row ``r`` uses the first ``group * (A, M, P)`` entries. ``marks`` (packed) are the
-    (rows, group, 4) extents of each row's content and valid pair padding, ``owner`` the (rows,)
-    class of its content (-1: fresh). ``views(row, c)`` is the batch dict of a row holding class
-    ``c`` (leading axis ``group`` when ``group > 1``), read-only when the sets are reused.
-    """
-
-    def __init__(
-        self, shapes: tuple[BatchShape, ...], group: int, rows: int, padded: bool, consts: dict[str, np.ndarray],
-        reused: bool,
-    ) -> None:  # fmt: skip
-        self.shapes, self.group, self.consts, self.reused = shapes, group, consts, reused
-        A, M, P = (group * max(s[i] for s in shapes) for i in range(3))
-        self.arrays = {
-            "Z": np.empty((rows, A), np.int32), "R": np.empty((rows, 3 * A), np.float32),
-            "F": np.empty((rows, 3 * A), np.float32), "atom_mask": np.empty((rows, A), bool),
-            "E": np.empty((rows, M)), "Qtot": np.empty((rows, M)), "mol_mask": np.empty((rows, M), bool),
-            "mol_idx": np.empty((rows, M), np.int64), "pair_mask": np.empty((rows, P), bool),
-        }  # fmt: skip
-        if padded:  # one class
-            self.arrays["N"] = np.full((rows, M), shapes[0].A // shapes[0].M, np.int32)  # fresh: dirty up to num_atoms
-            self.outputs = tuple(self.arrays[key] for key in _PADDED_OUTPUTS)  # the kernels' order
-        else:
-            self.arrays["N"] = np.empty((rows, M), np.int32)
-            self.arrays.update(
-                batch_segments=np.empty((rows, A), np.int32),
-                dst_idx=np.empty((rows, P), np.int32),
-                src_idx=np.empty((rows, P), np.int32),
-            )
-            self.marks = np.empty((rows, group, 4), dtype=np.int64)
-            self.owner = np.empty(rows, dtype=np.int64)
-            self.marks.fill(-1)
-            self.owner.fill(-1)  # fresh: dirty everywhere
-            self.outputs = tuple(self.arrays[key] for key in _PACKED_OUTPUTS) + (self.marks, self.owner)
-        self._views: dict[tuple[int, int], dict[str, np.ndarray]] = {}
-
-    def views(self, row: int, c: int) -> dict[str, np.ndarray]:
-        """The batch dict of ``row`` holding class ``c`` (read-only views when reused; built once)."""
-        if (row, c) not in self._views:
-            self._views[(row, c)] = self.new_views(row, c)
-        return self._views[(row, c)]
-
-    def new_views(self, row: int, c: int) -> dict[str, np.ndarray]:
-        """New view objects of ``row`` holding class ``c`` (read-only when the sets are reused)."""
-        if len(self.shapes) == 1:  # rows are exactly as wide as the class
-            own = {key: array[row] for key, array in self.arrays.items()}
-        else:
-            A, M, P = (self.group * x for x in self.shapes[c])
-            size = {"Z": A, "R": 3 * A, "F": 3 * A, "atom_mask": A, "batch_segments": A, "dst_idx": P,
-                    "src_idx": P, "pair_mask": P}  # fmt: skip
-            own = {key: array[row, : size.get(key, M)] for key, array in self.arrays.items()}
-        views = {**own, **self.consts, "R": own["R"].reshape(-1, 3), "F": own["F"].reshape(-1, 3)}
-        if self.group > 1:
-            views = {key: _stack_view(value, self.group) for key, value in views.items()}
-        if self.reused:
-            for key in own:
-                views[key].setflags(write=False)
-        return {key: views[key] for key in BATCH_KEYS}
-
-    def unreferenced(self) -> bool:
-        """No array of this ring is referenced outside it: no batch (or view of one) is alive."""
-        return self._counts() == self._baseline
-
-    def track_references(self) -> None:
-        """Take the present reference counts of the arrays as the baseline of ``unreferenced``."""
-        self._owners = list(self.arrays.values())
-        self._baseline = self._counts()
-
-    def _counts(self) -> list[int]:
-        return [sys.getrefcount(array) for array in self._owners]  # the same frame for both uses
-
-    def mark_dirty(self, num_atoms: int) -> None:
-        """Forget what the rows hold: their next fill rewrites all padding (a caller may have written
-        into the arrays of a batch handed out writable)."""
-        if hasattr(self, "marks"):
-            self.marks.fill(-1)
-            self.owner.fill(-1)
-        else:
-            self.arrays["N"].fill(num_atoms)
-
-
-def _stack_view(array: np.ndarray, group: int) -> np.ndarray:
-    """(group * n, ...) -> (group, n, ...) view; a shared constant (n, ...) is broadcast instead."""
-    if not array.flags.writeable:  # the padded layout's shared constants
-        return np.broadcast_to(array, (group,) + array.shape)
-    return array.reshape((group, array.shape[0] // group) + array.shape[1:])
-
-
-class Assembler:
-    """Builds batch dicts from a packed dataset with the compiled kernels, several items per call.
-
-    Args:
-        ds: the packed dataset (memmaps).
-        offsets: (N+1,) int64 atom offsets, in memory.
-        spec: the layout.
-        shapes: the classes of the epoch plan.
-        group: batches per item (1: plain batches; D: stacked with a leading axis D).
-        reuse: True fills items into rows of reused buffers (a pool of at most ``hold + chunk``
-            rows, shared by the classes when they differ in pair budget only, else one per class;
-            the row given back last is taken first), so that an item handed out stays intact while
-            ``hold`` more are handed out and the next ``chunk`` are filled; the views are
-            read-only. False hands every item out in writable arrays of its own (one item per
-            call), recycled once nothing references them any more (``_recycled_ring``).
-        hold: see ``reuse``.
-        pair_counts: packed layout with a cutoff: (N,) int64 pairs within it of every dataset
-            molecule (``cutoff_pair_counts``); None otherwise.
-        threads: threads that fill a call's items side by side (1: the calling thread alone; at
-            most the cores of this process, ``kernels.kernel_threads``).
-
-    Attributes:
-        chunk: items per call (``assemble`` takes at most this many).
-    """
-
-    def __init__(
-        self, ds: PackedDataset, offsets: np.ndarray, spec: LayoutSpec, shapes: tuple[BatchShape, ...],
-        group: int = 1, reuse: bool = False, hold: int = 0, pair_counts: np.ndarray | None = None,
-        threads: int = 1,
-    ) -> None:  # fmt: skip
-        if spec.layout == "packed" and spec.cutoff is not None and pair_counts is None:
-            raise ValueError("the packed layout with a cutoff needs the pair counts within it")
-        self.shapes = shapes
-        self.group = group
-        self.reuse = reuse
-        self.threads = kernel_threads(threads)
-        self.chunk = ITEMS_PER_CALL * self.threads if reuse else 1
-        self._padded = spec.layout == "padded"
-        counts = np.zeros(0, np.int64) if self._padded or spec.cutoff is None else pair_counts
-        c2 = squared_cutoff(spec.cutoff) if spec.cutoff is not None else np.float32(0.0)
-        sources = (
-            offsets, np.asarray(ds.Z), np.asarray(ds.R).reshape(-1),
-            np.zeros(0, np.float32) if ds.F is None else np.asarray(ds.F).reshape(-1),
-            np.asarray(ds.E), np.zeros(0) if ds.Qtot is None else np.asarray(ds.Qtot), c2, spec.cutoff is not None,
-        )  # fmt: skip
-        if self._padded:
-            self._inputs = (*sources, spec.num_atoms)
-            self._kernels = (fill_padded, fill_padded_threaded)
-        else:
-            self._inputs = (*sources, np.asarray(counts, dtype=np.int64))
-            self._kernels = (fill_packed, fill_packed_threaded)
-        self._choice = ThreadChoice() if self.threads > 1 else None
-        self.consts = padded_constants(spec.num_atoms, shapes[0].M) if self._padded else {}
-        self._shapes = np.array(shapes, dtype=np.int64).reshape(-1, 3)
-        self._hold = hold
-        self._slots = hold + self.chunk  # rows per pool: all of a call's items may draw from one pool
-        # One pool of rows for all classes when a row can pass from class to class keeping its marks
-        # (one batch per item, same atom and molecule budgets: the automatic budgets), else one per class.
-        self._shared = group == 1 and len({(s.A, s.M) for s in shapes}) == 1
-        pools = 1 if self._shared else len(shapes)
-        if reuse:
-            self._ring = _Ring(shapes, group, pools * self._slots, self._padded, self.consts, True)
-        self._one = np.zeros(1, np.int64)  # row 0 of a one-row ring
-        self._out: collections.deque[_Ring] = collections.deque()  # one-row rings handed out (reuse=False)
-        self._num_atoms = spec.num_atoms
-        self._free: list[list[int]] = [[] for _ in range(pools)]  # per pool, rows last given back first
-        self._unused = [0] * pools  # per pool, rows never used so far
-        self._held: collections.deque[tuple[int, int]] = collections.deque()  # (pool, row) handed out, in order
-
-    def _take_rows(self, cls: list[int]) -> np.ndarray:
-        """(G,) int64 rows for the next items, of classes ``cls``, from their pools.
-
-        Of the items handed out so far, all but the last ``hold`` give their rows back; the row given
-        back last is taken first (its lines are the likeliest to be in cache), and a row never used
-        only when none is free (rows never used are never touched and cost no memory).
-        """
-        while len(self._held) > self._hold:
-            pool, released = self._held.popleft()
-            self._free[pool].append(released)
-        rows = np.empty(len(cls), dtype=np.int64)
-        for g, c in enumerate(cls):
-            pool = 0 if self._shared else c
-            if self._free[pool]:
-                rows[g] = self._free[pool].pop()
-            else:
-                rows[g] = pool * self._slots + self._unused[pool]
-                self._unused[pool] += 1
-            self._held.append((pool, int(rows[g])))
-        return rows
-
-    def assemble(self, mols: np.ndarray, lo: np.ndarray, hi: np.ndarray, shape_ids: np.ndarray) -> list[dict]:
-        """Items of batches ``mols[lo[g, b]:hi[g, b]]`` (lo == hi: all padding), item ``g`` of class ``shape_ids[g]``.
-
-        Args:
-            mols: (L,) int64 dataset indices of the epoch, batch after batch.
-            lo, hi: (G, group) int64 bounds in ``mols``; G <= ``chunk``.
-            shape_ids: (G,) class of each item.
-        """
-        if self.reuse:
-            ring, shapes = self._ring, self._shapes
-            cls = np.asarray(shape_ids, dtype=np.int64)
-            row = self._take_rows(cls.tolist())
-        else:  # a one-row ring of its own, recycled once the caller dropped every batch of it
-            ring = self._recycled_ring()
-            shapes, cls, row = self._shapes, np.asarray(shape_ids[:1], dtype=np.int64), self._one
-        lo, hi = np.ascontiguousarray(lo, dtype=np.int64), np.ascontiguousarray(hi, dtype=np.int64)
-        threaded = self._choice is not None and self._choice.threaded()
-        kernel, extra = (self._kernels[1], (self.threads,)) if threaded else (self._kernels[0], ())
-        start = time.perf_counter()
-        if self._padded:
-            kernel(mols, lo, hi, row, *self._inputs, *ring.outputs, *extra)
-        else:
-            kernel(mols, lo, hi, cls, row, shapes, *self._inputs, *ring.outputs, *extra)
-        if self._choice is not None:
-            self._choice.record(threaded, (time.perf_counter() - start) / max(int(hi[-1, -1] - lo[0, 0]), 1))
-        if not self.reuse:
-            self._out.append(ring)
-            return [ring.new_views(0, int(cls[0]))]
-        return [dict(ring.views(r, c)) for r, c in zip(row.tolist(), cls.tolist())]
-
-    def _recycled_ring(self) -> _Ring:
-        """A one-row ring (all classes) for an item that the caller owns (``reuse=False``).
-
-        The oldest rings handed out are checked first: a ring none of whose arrays is referenced
-        outside it (no batch, no view of one, no device array aliasing it) is taken again, with
-        its padding marked dirty; else a new ring. Writing into warm memory instead of fresh
-        memory saves a page fault per 4 KiB. At most ``RECYCLE_SCAN`` rings are checked per item,
-        and at most ``RECYCLE_TRACK`` are tracked (a caller that keeps every batch keeps them).
-        """
-        for _ in range(min(RECYCLE_SCAN, len(self._out))):
-            ring = self._out.popleft()
-            if ring.unreferenced():
-                ring.mark_dirty(self._num_atoms)
-                return ring
-            self._out.append(ring)  # still held: look again later
-        while len(self._out) >= RECYCLE_TRACK:
-            self._out.popleft()
-        ring = _Ring(self.shapes, self.group, 1, self._padded, self.consts, False)
-        ring.track_references()
-        return ring
-
-
-class ThreadChoice:
-    """Whether the next kernel call uses its helper threads: whichever of one thread and several
-    was faster per molecule lately, the other one tried now and then.
-
-    Helper threads only pay when they get a core of their own; on a machine whose cores are busy
-    with other work they make a call slower (here 0.6-0.75x under full load from other
-    processes, and a call whose helper was preempted waits for it: a whole time slice). Timing
-    both keeps ``threads > 1`` from ever being much slower than one thread: the first
-    ``2 * WARMUP`` calls alternate, then the better is used and the other is timed once every
-    ``period`` calls; the period doubles (up to ``MAX_PROBE``) each time the threads lose, and is
-    back to ``PROBE`` when they win. A mode's cost is the median of its last ``WINDOW`` timings
-    (robust to a call preempted by another process).
-    """
-
-    WARMUP = 8
-    PROBE = 32
-    MAX_PROBE = 4096
-    WINDOW = 9
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self.period = self.PROBE
-        self.next_probe = 2 * self.WARMUP + self.PROBE
-        self.recent: tuple[collections.deque, collections.deque] = (
-            collections.deque(maxlen=self.WINDOW), collections.deque(maxlen=self.WINDOW))  # fmt: skip
-
-    def threaded(self) -> bool:
-        self.calls += 1
-        if self.calls <= 2 * self.WARMUP:
-            return bool(self.calls % 2)
-        better = self.cost(True) < self.cost(False)
-        if self.calls < self.next_probe:
-            return better
-        self.period = self.PROBE if better else min(2 * self.period, self.MAX_PROBE)
-        self.next_probe = self.calls + self.period
-        return not better
-
-    def cost(self, threaded: bool) -> float:
-        """Median seconds per molecule of the recent calls in one mode."""
-        values = sorted(self.recent[int(threaded)])
-        return values[len(values) // 2] if values else 0.0
-
-    def record(self, threaded: bool, seconds_per_molecule: float) -> None:
-        self.recent[int(threaded)].append(seconds_per_molecule)
 
 
 @functools.lru_cache(maxsize=8)

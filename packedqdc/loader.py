@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import copy
 import os
-import queue
-import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .assembly import Assembler
 from .batching import (
-    Assembler,
     BatchShape,
     EpochPlan,
     LayoutSpec,
@@ -35,6 +34,7 @@ from .batching import (
 )
 from .errors import ConfigError, FormatError
 from .format import open_packed
+from .prefetch import prefetched
 from .readahead import advise_random, will_need
 
 LAYOUTS = ("padded", "packed")
@@ -134,8 +134,7 @@ class PackedMemmapLoader:
         self.has_forces = self.dataset.F is not None
         self.has_qtot = self.dataset.Qtot is not None
         self.has_dipoles = self.dataset.D is not None
-        self.epoch = 0
-        self.position = 0
+        self._at = EpochPosition()  # the position of the latest iterator (it advances it)
         self._indices = np.arange(self.dataset.n_molecules, dtype=np.int64)
         self.order, self.order_note = _resolve_order(self.dataset, order)
         self.block_mib = float(block_mib)
@@ -191,6 +190,24 @@ class PackedMemmapLoader:
             f"order={self.order}, epoch={self.epoch}, position={self.position}{shard})"
         )
 
+    @property
+    def epoch(self) -> int:
+        """The epoch of the next item: that of the latest iterator (or of ``restore``)."""
+        return self._at.epoch
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._at = EpochPosition(int(value), 0)
+
+    @property
+    def position(self) -> int:
+        """Items already yielded in ``epoch`` (by the latest iterator, which advances it)."""
+        return self._at.position
+
+    @position.setter
+    def position(self, value: int) -> None:
+        self._at = EpochPosition(self._at.epoch, int(value))
+
     # ---- derived loaders ---------------------------------------------------------------------
 
     def _derive(self, indices: np.ndarray | None = None, **changes: Any) -> PackedMemmapLoader:
@@ -198,8 +215,7 @@ class PackedMemmapLoader:
         other._budget_cache = {}
         other._plan_cache = None
         other._assemblers = {}
-        other.epoch = 0
-        other.position = 0
+        other._at = EpochPosition()
         for key, value in changes.items():
             setattr(other, key, value)
         if indices is not None:
@@ -235,7 +251,7 @@ class PackedMemmapLoader:
             raise ConfigError(f"loader state {state!r}: needs integer seed, epoch, position ({exc})") from None
         if epoch < 0 or position < 0:
             raise ConfigError(f"loader state {state!r}: epoch and position must be >= 0")
-        self.seed, self.epoch, self.position = seed, epoch, position
+        self.seed, self._at = seed, EpochPosition(epoch, position)
         self._budget_cache = {}
         self._plan_cache = None
         self._assemblers = {}
@@ -458,7 +474,7 @@ class PackedMemmapLoader:
         workers: int | None = None,
         threads: int | None = None,
     ) -> Iterator[Batch]:
-        epoch, start = self.epoch, self.position
+        epoch, start = self._at.epoch, self._at.position
         plan, steps, shape_ids = self._steps(spec, epoch, num_devices)
         depth = max(self.prefetch if prefetch is None else int(prefetch), 0)
         n_workers = max(self.workers if workers is None else int(workers), 1) if depth else 1
@@ -499,7 +515,9 @@ class PackedMemmapLoader:
                 self._assemblers.setdefault(key, []).append(assembler)
 
         sources = [produce(w) for w in range(n_workers)]
-        return self._track(epoch, prefetched(sources, per_worker, transfer))
+        iterator = EpochIterator(prefetched(sources, per_worker, transfer), EpochPosition(epoch, start))
+        self._at = iterator.at
+        return iterator
 
     def _take_assembler(self, key: tuple, pair_counts: np.ndarray | None) -> Assembler:
         """An idle assembler of ``key`` (spec, shapes, devices, reuse, hold, threads), or a new one.
@@ -513,14 +531,62 @@ class PackedMemmapLoader:
             spec, shapes, devices, reuse, hold, threads = key
             return Assembler(self.dataset, self._offsets, spec, shapes, devices, reuse, hold, pair_counts, threads)
 
-    def _track(self, epoch: int, items: Iterator[Batch]) -> Iterator[Batch]:
+
+@dataclass
+class EpochPosition:
+    """Where an epoch's iteration stands: ``epoch`` and ``position``, the items yielded in it."""
+
+    epoch: int = 0
+    position: int = 0
+
+
+class EpochIterator(Iterator[Batch]):
+    """The rest of one epoch of a loader (what ``batches()`` returns); it owns its position.
+
+    ``at`` advances by one with every item drawn; once the epoch is exhausted it is the start of the
+    next epoch, ``(epoch + 1, 0)``; an iterator closed early leaves it where it stopped. The loader
+    reads the position of its latest iterator (``state()``) and never changes it.
+
+    Args:
+        items: the epoch's remaining items (a generator: closing it stops its threads).
+        at: the position of the first item.
+    """
+
+    def __init__(self, items: Iterator[Batch], at: EpochPosition) -> None:
+        self._items = items
+        self.at = at
+        self._done = False
+
+    def __iter__(self) -> EpochIterator:
+        return self
+
+    def __next__(self) -> Batch:
+        if self._done:
+            raise StopIteration
         try:
-            for item in items:
-                self.position += 1
-                yield item
-        finally:
-            items.close()  # type: ignore[attr-defined]
-        self.epoch, self.position = epoch + 1, 0
+            item = next(self._items)
+        except StopIteration:
+            self._done = True
+            self.at.epoch, self.at.position = self.at.epoch + 1, 0
+            raise
+        except BaseException:
+            self.close()
+            raise
+        self.at.position += 1
+        return item
+
+    def close(self) -> None:
+        """Stop early (background threads too); the position stays where it is."""
+        self._done = True
+        self._items.close()  # type: ignore[attr-defined]
+
+    @property
+    def epoch(self) -> int:
+        return self.at.epoch
+
+    @property
+    def position(self) -> int:
+        return self.at.position
 
 
 def _resolve_order(ds: Any, order: str) -> tuple[str, str]:
@@ -594,95 +660,6 @@ def _check_shard(index: int, count: int) -> tuple[int, int]:
     if count < 1 or not 0 <= index < count:
         raise ConfigError(f"shard {index} of {count}: need count >= 1 and 0 <= index < count")
     return index, count
-
-
-class _Failure:
-    def __init__(self, exc: BaseException) -> None:
-        self.exc = exc
-
-
-_DONE = object()
-
-
-def prefetched(
-    items: Iterator[Any] | list[Iterator[Any]], depth: int, transfer: Callable[[Any], Any] | None = None
-) -> Iterator[Any]:
-    """Run ``items`` (and ``transfer`` on each) in background threads, ``depth`` items ahead each.
-
-    ``items`` is one iterator, or a list of ``W`` iterators that each run in a thread of their own
-    and are interleaved round robin: item ``t`` comes from iterator ``t % W`` (the first one that
-    ends ends the stream). Memory stays bounded by ``depth`` items per thread plus the ones being
-    built. An exception in a thread is re-raised in the consumer at its place in the order. Closing
-    the returned generator (or dropping it) stops the threads. ``depth`` 0 runs everything in the
-    caller's thread (one iterator only).
-    """
-    sources = items if isinstance(items, list) else [items]
-    if depth <= 0:
-        if len(sources) != 1:
-            raise ValueError("prefetch depth 0 runs in the caller's thread: pass one iterator")
-        return _inline(sources[0], transfer)
-    return _threaded(sources, depth, transfer)
-
-
-def _inline(items: Iterator[Any], transfer: Callable[[Any], Any] | None) -> Iterator[Any]:
-    try:
-        for item in items:
-            yield item if transfer is None else transfer(item)
-    finally:
-        _close(items)
-
-
-def _close(items: Iterator[Any]) -> None:
-    """Close a generator now (its ``finally`` runs here), rather than whenever it is collected."""
-    close = getattr(items, "close", None)
-    if close is not None:
-        close()
-
-
-def _threaded(sources: list[Iterator[Any]], depth: int, transfer: Callable[[Any], Any] | None) -> Iterator[Any]:
-    queues: list[queue.Queue[Any]] = [queue.Queue(maxsize=depth) for _ in sources]
-    stop = threading.Event()
-
-    def work(items: Iterator[Any], q: queue.Queue[Any]) -> None:
-        def put(obj: Any) -> bool:
-            while not stop.is_set():
-                try:
-                    q.put(obj, timeout=0.05)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        try:
-            for item in items:
-                if not put(item if transfer is None else transfer(item)):
-                    return
-            put(_DONE)
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
-            put(_Failure(exc))
-        finally:
-            _close(items)
-
-    threads = [
-        threading.Thread(target=work, args=(items, q), name=f"packedqdc-prefetch-{w}", daemon=True)
-        for w, (items, q) in enumerate(zip(sources, queues))
-    ]
-    for thread in threads:
-        thread.start()
-    try:
-        turn = 0
-        while True:
-            obj = queues[turn].get()
-            if obj is _DONE:
-                return
-            if isinstance(obj, _Failure):
-                raise obj.exc
-            yield obj
-            turn = (turn + 1) % len(queues)
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join()
 
 
 def split_loader(

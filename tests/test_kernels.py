@@ -7,11 +7,21 @@ import pytest
 
 from packedqdc import kernels
 from packedqdc.batching import BatchShape, squared_cutoff
-from packedqdc.kernels import fill_packed, fill_packed_threaded, fill_padded, fill_padded_threaded
+from packedqdc.kernels import (
+    Items,
+    PackedOut,
+    PaddedOut,
+    PairRule,
+    Source,
+    fill_packed,
+    fill_packed_threaded,
+    fill_padded,
+    fill_padded_threaded,
+)
 
 
 def dataset(seed=0, n_mol=60, hi=40):
-    """Molecules of 1..hi atoms: offsets (N+1,), Z, R (3T,), F (3T,), E, Qtot, as the kernels take them."""
+    """Molecules of 1..hi atoms: offsets (N+1,), Z, R (3T,), F (3T,), E, Qtot (the fields of ``Source``)."""
     rng = np.random.default_rng(seed)
     n = rng.integers(1, hi + 1, n_mol)
     offsets = np.concatenate([[0], np.cumsum(n)]).astype(np.int64)
@@ -22,16 +32,16 @@ def dataset(seed=0, n_mol=60, hi=40):
     )  # fmt: skip
 
 
-def packed_outputs(shapes: list[BatchShape], k: int, rows: int) -> list[np.ndarray]:
+def packed_outputs(shapes: list[BatchShape], k: int, rows: int) -> PackedOut:
     """The packed kernels' outputs: (rows, k * largest size) arrays, (rows, k, 4) marks, (rows,) owners."""
     A, M, P = (k * max(s[i] for s in shapes) for i in range(3))
-    return [
+    return PackedOut(
         np.zeros((rows, A), np.int32), np.zeros((rows, 3 * A), np.float32), np.zeros((rows, 3 * A), np.float32),
         np.zeros((rows, A), bool), np.zeros((rows, A), np.int32), np.zeros((rows, M)), np.zeros((rows, M)),
         np.zeros((rows, M), np.int32), np.zeros((rows, M), bool), np.zeros((rows, M), np.int64),
         np.zeros((rows, P), np.int32), np.zeros((rows, P), np.int32), np.zeros((rows, P), bool),
         np.full((rows, k, 4), -1, np.int64), np.full(rows, -1, np.int64),
-    ]  # fmt: skip
+    )  # fmt: skip
 
 
 def cutoff_counts(offsets, R, c2):
@@ -74,13 +84,13 @@ def test_threaded_packed_equals_single_thread(cutoff, threads):
         mols, lo, hi, cls = random_items(rng, offsets, counts, shapes, 4, 2)
         # rows 0-4 serve class 0, rows 5-9 class 1; distinct rows within a call
         row = cls * 5 + (np.array([np.sum(cls[:g] == cls[g]) for g in range(4)]) + rng.integers(0, 2)) % 5
-        args = (mols, lo, hi, cls, row, np.array(shapes, np.int64), offsets, Z, R, F, E, Q, c2, cutoff is not None,
-                counts)  # fmt: skip
-        fill_packed(*args, *one)
-        fill_packed_threaded(*args, *many, threads)
+        items = Items(mols, lo, hi, cls, row, np.array(shapes, np.int64))
+        source, pairs = Source(offsets, Z, R, F, E, Q), PairRule(c2, cutoff is not None, counts)
+        fill_packed(items, source, pairs, one)
+        fill_packed_threaded(items, source, pairs, many, threads)
         for x, y in zip(one, many):
             np.testing.assert_array_equal(x, y)
-    assert one[-2][:, :, 2].max() > 0  # pairs were written
+    assert one.marks[:, :, 2].max() > 0  # pairs were written
 
 
 @pytest.mark.parametrize("cutoff", [None, 2.5])
@@ -97,13 +107,13 @@ def test_row_passing_between_classes_equals_a_fresh_row(cutoff):
     shared = packed_outputs(shapes, 1, 2)
     for _ in range(12):
         mols, lo, hi, cls = random_items(rng, offsets, counts, shapes, 2, 1)
-        args = (mols, lo, hi, cls, np.array([0, 1]), table, offsets, Z, R, F, E, Q, c2, cutoff is not None, counts)
-        fill_packed(*args, *shared)
+        source, pairs = Source(offsets, Z, R, F, E, Q), PairRule(c2, cutoff is not None, counts)
+        fill_packed(Items(mols, lo, hi, cls, np.array([0, 1]), table), source, pairs, shared)
         for g in range(2):
             fresh = packed_outputs([shapes[cls[g]]], 1, 1)
             zero = np.zeros(1, np.int64)
-            one = (mols, lo[g : g + 1], hi[g : g + 1], zero, zero, table[cls[g] : cls[g] + 1], offsets)
-            fill_packed(*one, Z, R, F, E, Q, c2, cutoff is not None, counts, *fresh)
+            one = Items(mols, lo[g : g + 1], hi[g : g + 1], zero, zero, table[cls[g] : cls[g] + 1])
+            fill_packed(one, source, pairs, fresh)
             for got, want in zip(shared[:13], fresh[:13]):  # the outputs, within the class's budgets
                 np.testing.assert_array_equal(got[g, : want.shape[1]], want[0])
 
@@ -116,14 +126,13 @@ def test_packed_refuses_counts_that_disagree_with_the_data(threaded):
     counts[2] = max(counts[2] - 1, 0) if counts[2] else 1  # the data no longer match
     one = np.zeros((1, 1), np.int64)
     shapes = np.array([[40, 8, 200]], np.int64)
-    args = (np.arange(5, dtype=np.int64), one * 0, one + 5, one[0] * 0, one[0] * 0, shapes, offsets, Z, R, F, E, Q, c2,
-            True, counts)  # fmt: skip
-    out = packed_outputs([BatchShape(*shapes[0])], 1, 1)
+    args = (Items(np.arange(5, dtype=np.int64), one * 0, one + 5, one[0] * 0, one[0] * 0, shapes),
+            Source(offsets, Z, R, F, E, Q), PairRule(c2, True, counts), packed_outputs([BatchShape(*shapes[0])], 1, 1))
     with pytest.raises(ValueError, match="differ from the count"):
         if threaded:
-            fill_packed_threaded(*args, *out, 2)
+            fill_packed_threaded(*args, 2)
         else:
-            fill_packed(*args, *out)
+            fill_packed(*args)
 
 
 @pytest.mark.parametrize("cutoff", [None, 2.5])
@@ -134,12 +143,12 @@ def test_threaded_padded_equals_single_thread(cutoff):
 
     def outputs():
         A = k * M * na
-        return [
+        return PaddedOut(
             np.zeros((slots, A), np.int32), np.zeros((slots, 3 * A), np.float32),
             np.zeros((slots, 3 * A), np.float32), np.zeros((slots, A), bool), np.zeros((slots, k * M)),
             np.zeros((slots, k * M)), np.full((slots, k * M), na, np.int32), np.zeros((slots, k * M), bool),
             np.zeros((slots, k * M), np.int64), np.zeros((slots, k * M * na * (na - 1)), bool),
-        ]  # fmt: skip
+        )  # fmt: skip
 
     one, many = outputs(), outputs()
     rng = np.random.default_rng(2)
@@ -155,12 +164,14 @@ def test_threaded_padded_equals_single_thread(cutoff):
         for j, (a, b) in enumerate(flat):
             lo[j // k, j % k], hi[j // k, j % k] = a, b
         slot = rng.permutation(slots)[:3].astype(np.int64)
-        args = (mols, lo, hi, slot, offsets, Z, R, F, E, Q, c2, cutoff is not None, na)
-        fill_padded(*args, *one)
-        fill_padded_threaded(*args, *many, threads=2)
+        shape = np.array([[M * na, M, M * na * (na - 1)]], np.int64)
+        items = Items(mols, lo, hi, np.zeros(3, np.int64), slot, shape)
+        source, pairs = Source(offsets, Z, R, F, E, Q), PairRule(c2, cutoff is not None, np.zeros(0, np.int64))
+        fill_padded(items, source, pairs, one)
+        fill_padded_threaded(items, source, pairs, many, threads=2)
         for x, y in zip(one, many):
             np.testing.assert_array_equal(x, y)
-    assert one[6].sum() > 0  # molecules were written
+    assert one.N.sum() > 0  # molecules were written
 
 
 def test_thread_count_is_capped_by_the_cores_and_needs_no_threading_layer(monkeypatch):

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from packedqdc.batching import ITEMS_PER_CALL
+from packedqdc.assembly import ITEMS_PER_CALL
 from packedqdc.errors import ConfigError, FormatError
 from packedqdc.format import MoleculeChunk, PackedWriter, open_packed
 from packedqdc.loader import PackedMemmapLoader, split_loader
@@ -280,6 +280,25 @@ def test_resume_gives_same_batches(data, prefetch, workers):
         np.testing.assert_array_equal(got, want)
 
 
+def test_the_iterator_owns_its_position(data):
+    """``batches()`` returns an iterator that advances its own position; the loader reads the latest
+    iterator's; closing early keeps it, exhausting moves to the next epoch (once)."""
+    loader = PackedMemmapLoader(data, 8, seed=2, prefetch=2)
+    it = loader.batches(layout="packed")
+    assert (it.epoch, it.position) == (0, 0)
+    next(it), next(it)
+    assert (it.epoch, it.position) == (0, 2) and loader.state() == {"seed": 2, "epoch": 0, "position": 2}
+    it.close()
+    with pytest.raises(StopIteration):
+        next(it)
+    assert loader.state() == {"seed": 2, "epoch": 0, "position": 2}
+    rest = loader.batches(layout="packed")
+    n = sum(1 for _ in rest)
+    assert n == loader.num_batches(layout="packed", epoch=0) - 2
+    assert (rest.epoch, rest.position) == (1, 0) and loader.state()["epoch"] == 1
+    assert list(rest) == [] and loader.state() == {"seed": 2, "epoch": 1, "position": 0}
+
+
 def test_prefetch_transfer_and_worker_error(data):
     loader = PackedMemmapLoader(data, 8, prefetch=2)
     out = list(loader.batches(layout="packed", transfer=lambda b: {**b, "tag": 1}))
@@ -388,7 +407,7 @@ def test_default_batches_are_recycled_only_when_dropped(data, kw, prefetch):
         np.testing.assert_array_equal(view, want[epoch][t]["R"][1:])
     # memory was recycled: far fewer buffer sets than batches
     assembler = next(a for pool in loader._assemblers.values() for a in pool)
-    rings = {id(r) for r in assembler._out}
+    rings = {id(r) for r in assembler._recycled.tracked()}
     n_batches = sum(len(e) for e in want)
     assert len(kept) + len(views) + len(rings) < n_batches
 
