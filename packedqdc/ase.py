@@ -101,7 +101,10 @@ class Calculator(_ASECalculator):
 
     def _batch(self, numbers: np.ndarray, positions: np.ndarray, qtot: float) -> dict[str, np.ndarray]:
         """The padded batch of one molecule; the pair lists are kept while the elements and the
-        charge stay the same (every MD step), and only the positions are written."""
+        charge stay the same (every MD step), and only the positions are written. They hold all
+        ordered pairs, also for a model trained on cutoff pairs: its network gives nothing beyond the
+        cutoff and its Coulomb term covers every pair by itself, so the result is the same, and a
+        fixed list keeps one compiled shape for a whole MD run."""
         key = np.asarray(numbers, np.int32).tobytes()
         if self._template is None or self._template[0] != key or self._template[1] != qtot:
             self.potential.reference.check_elements(

@@ -24,7 +24,7 @@ SKIPPED_SHOWN = 10
 
 @dataclass(frozen=True)
 class Invalid:
-    """One failed check: the chunk field (``n_atoms``, ``Z``, ``R``, ``F``, ``E``, ``Qtot``), why, and
+    """One failed check: the chunk field (``n_atoms``, ``Z``, ``R``, ``F``, ``E``, ``Qtot``, ``D``), why, and
     which molecules of the chunk fail it, (m,) bool."""
 
     field: str
@@ -35,7 +35,7 @@ class Invalid:
 def invalid_molecules(chunk: MoleculeChunk) -> list[Invalid]:
     """Every failing check of ``chunk``, in reporting order; empty when all molecules are valid.
 
-    Checks: at least one atom; atomic numbers in 1..118; finite R, F (float32) and E (float64);
+    Checks: at least one atom; atomic numbers in 1..118; finite R, F (float32), E and D (float64);
     finite, whole-number total charges. "Non-finite" is judged on the values as stored, so a
     finite input that overflows in the conversion (R = 1e39 Å as float32) is reported too. Each check tests the whole chunk in one pass and maps
     failures to molecules only when there are some.
@@ -68,6 +68,8 @@ def invalid_molecules(chunk: MoleculeChunk) -> list[Invalid]:
         finite = np.isfinite(q)
         add("Qtot", "non-finite value", ~finite)
         add("Qtot", "fractional total charge", finite & (q != np.round(q)))
+    if chunk.D is not None and not all_finite(chunk.D):
+        add("D", "non-finite value", ~np.isfinite(np.asarray(chunk.D)).all(axis=1))
     return found
 
 
@@ -82,6 +84,7 @@ def select(chunk: MoleculeChunk, keep: np.ndarray) -> MoleculeChunk:
         E=chunk.E[keep],
         F=None if chunk.F is None else chunk.F[atoms],
         Qtot=None if chunk.Qtot is None else chunk.Qtot[keep],
+        D=None if chunk.D is None else chunk.D[keep],
         index=None if chunk.index is None else chunk.index[keep],
     )
 

@@ -12,10 +12,11 @@ file              dtype       shape       content
 ``F_pack.f32``    float32 raw (A, 3)      forces (-dE/dR), kcal/mol/Å (optional)
 ``E.f64``         float64 raw (N,)        energies, kcal/mol
 ``Qtot.f64``      float64 raw (N,)        total charges, e (optional; absent means neutral)
+``D.f64``         float64 raw (N, 3)      dipole moments, e·Å, about the molecule's centroid (optional)
 ``meta.json``     JSON                    format, counts, units, provenance, sha256 per file
 ================  ==========  ==========  =========================================
 
-The seven data files are byte-compatible with the seed document's format, so a directory written
+The seven data files of the seed are byte-compatible with the seed document's format, so a directory written
 by the seed's snippet opens here and one written here opens in the seed's loader. ``meta.json`` is
 written last; a directory without it is still valid input.
 """
@@ -59,6 +60,7 @@ R_FILE = "R_pack.f32"
 F_FILE = "F_pack.f32"
 E_FILE = "E.f64"
 QTOT_FILE = "Qtot.f64"
+D_FILE = "D.f64"
 META = "meta.json"
 
 UNITS = {"energy": "kcal/mol", "length": "angstrom", "forces": "kcal/mol/angstrom", "charge": "e"}
@@ -82,6 +84,7 @@ RAW_FILES: tuple[RawFileSpec, ...] = (
     RawFileSpec(F_FILE, np.dtype(np.float32), 3, "atom", False),
     RawFileSpec(E_FILE, np.dtype(np.float64), 1, "molecule", True),
     RawFileSpec(QTOT_FILE, np.dtype(np.float64), 1, "molecule", False),
+    RawFileSpec(D_FILE, np.dtype(np.float64), 3, "molecule", False),
 )
 RAW_BY_NAME = {spec.name: spec for spec in RAW_FILES}
 
@@ -111,6 +114,8 @@ class PackedDataset:
         E: (N,) float64 energies, kcal/mol.
         Qtot: (N,) float64 total charges, e, or None (neutral).
         meta: parsed ``meta.json``, or None for a directory made without one.
+        D: (N, 3) float64 dipole moments, e·Å, about each molecule's centroid (the mean position
+            of its atoms), or None when the directory has no ``D.f64``.
     """
 
     path: Path
@@ -122,6 +127,7 @@ class PackedDataset:
     E: np.ndarray
     Qtot: np.ndarray | None
     meta: dict[str, Any] | None
+    D: np.ndarray | None = None
 
     @property
     def n_molecules(self) -> int:
@@ -132,7 +138,8 @@ class PackedDataset:
         return int(self.Z.shape[0])
 
     def molecule(self, i: int) -> dict[str, Any]:
-        """Molecule ``i`` as in-memory arrays: Z (n,), R (n, 3), F (n, 3) or None, E, Qtot floats."""
+        """Molecule ``i`` as in-memory arrays: Z (n,), R (n, 3), F (n, 3) or None, E, Qtot floats,
+        D (3,) or None."""
         if not 0 <= i < self.n_molecules:
             raise IndexError(f"molecule {i} out of range for {self.n_molecules} molecules")
         lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
@@ -142,6 +149,7 @@ class PackedDataset:
             "F": None if self.F is None else np.array(self.F[lo:hi]),
             "E": float(self.E[i]),
             "Qtot": 0.0 if self.Qtot is None else float(self.Qtot[i]),
+            "D": None if self.D is None else np.array(self.D[i]),
         }
 
 
@@ -227,6 +235,7 @@ def open_packed(path: str | os.PathLike[str]) -> PackedDataset:
         E=arrays[E_FILE],
         Qtot=arrays[QTOT_FILE],
         meta=check_meta_header(root, read_meta(root)),
+        D=arrays[D_FILE],
     )
 
 
@@ -272,6 +281,7 @@ class MoleculeChunk:
         E: (m,) float64 energies, kcal/mol.
         F: (sum n_atoms, 3) float32 forces, kcal/mol/Å, or None.
         Qtot: (m,) float64 total charges, e, or None.
+        D: (m, 3) float64 dipole moments, e·Å, about each molecule's centroid, or None.
         index: (m,) int64 numbers of these molecules in the input (for messages), or None when
             they are simply the next ``m`` molecules of the input.
     """
@@ -283,6 +293,7 @@ class MoleculeChunk:
     F: np.ndarray | None = None
     Qtot: np.ndarray | None = None
     index: np.ndarray | None = None
+    D: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.n_atoms.shape[0])
@@ -393,10 +404,12 @@ class PackedWriter:
         provenance: dict[str, Any] | None = None,
         force: bool = False,
         inputs: Sequence[str | os.PathLike[str]] = (),
+        has_dipoles: bool = False,
     ) -> None:
         self.target = Path(target).absolute()
         self.has_forces = has_forces
         self.has_qtot = has_qtot
+        self.has_dipoles = has_dipoles
         self.provenance = dict(provenance or {})
         self.force = force
         self.inputs = tuple(Path(p) for p in inputs)
@@ -415,7 +428,7 @@ class PackedWriter:
         self._done = False
         try:
             for name, wanted in ((Z_FILE, True), (R_FILE, True), (E_FILE, True),
-                                 (F_FILE, has_forces), (QTOT_FILE, has_qtot)):
+                                 (F_FILE, has_forces), (QTOT_FILE, has_qtot), (D_FILE, has_dipoles)):
                 if wanted:
                     self._writers[name] = _HashingWriter(self.tmp / name)
             self._counts = open(self.tmp / SCRATCH, "wb")
@@ -462,6 +475,8 @@ class PackedWriter:
             raise SourceError(f"molecules {first}..{first + m - 1}: forces present in some chunks only")
         if chunk.Qtot is None and self.has_qtot:
             raise SourceError(f"molecules {first}..{first + m - 1}: total charge present in some chunks only")
+        if (chunk.D is None) == self.has_dipoles:
+            raise SourceError(f"molecules {first}..{first + m - 1}: dipoles present in some chunks only")
         self._writers[Z_FILE].write(np.asarray(chunk.Z, dtype=np.int32))
         self._writers[R_FILE].write(np.asarray(chunk.R, dtype=np.float32))
         self._writers[E_FILE].write(np.asarray(chunk.E, dtype=np.float64))
@@ -471,6 +486,8 @@ class PackedWriter:
             qtot = np.asarray(chunk.Qtot, dtype=np.float64)
             self._writers[QTOT_FILE].write(qtot)
             self.stats.n_charged += int(np.count_nonzero(qtot))
+        if self.has_dipoles:
+            self._writers[D_FILE].write(np.asarray(chunk.D, dtype=np.float64))
         self._counts.write(memoryview(n_atoms).cast("B"))
         self.stats.n_molecules += m
         self.stats.n_atoms_total += atoms
@@ -547,6 +564,7 @@ class PackedWriter:
             "units": dict(UNITS),
             "has_forces": self.has_forces,
             "has_qtot": self.has_qtot,
+            "has_dipoles": self.has_dipoles,
             "n_charged_molecules": s.n_charged if self.has_qtot else 0,
             "element_counts": elements,
             "provenance": self.provenance,
@@ -719,6 +737,8 @@ def _check_chunk_shapes(chunk: MoleculeChunk, m: int, atoms: int, first: int) ->
         raise SourceError(f"{where}: F has shape {np.shape(chunk.F)}, expected ({atoms}, 3)")
     if chunk.Qtot is not None and np.shape(chunk.Qtot) != (m,):
         raise SourceError(f"{where}: Qtot has shape {np.shape(chunk.Qtot)}, expected ({m},)")
+    if chunk.D is not None and np.shape(chunk.D) != (m, 3):
+        raise SourceError(f"{where}: D has shape {np.shape(chunk.D)}, expected ({m}, 3)")
 
 
 def _current_umask() -> int:

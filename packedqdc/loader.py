@@ -77,6 +77,8 @@ class PackedMemmapLoader:
         n_atoms: (N_dataset,) atoms of every molecule of the dataset, in memory, in the smallest
             unsigned dtype that holds them (uint8 below 256 atoms; cast before arithmetic).
         has_forces: the dataset has forces (``F`` is zeros otherwise); has_qtot likewise for ``Qtot``.
+        has_dipoles: the dataset has dipoles (``D.f64``): batches then carry ``D`` (M, 3) float64,
+            e·Å, per molecule slot (zeros on padding slots), gathered by ``mol_idx``.
         epoch, position: the next batch to yield: epoch number and batches already yielded in it.
 
     Raises:
@@ -131,6 +133,7 @@ class PackedMemmapLoader:
         self.process_index, self.process_count = _check_shard(process_index, process_count)
         self.has_forces = self.dataset.F is not None
         self.has_qtot = self.dataset.Qtot is not None
+        self.has_dipoles = self.dataset.D is not None
         self._at = EpochPosition()  # the position of the latest iterator (it advances it)
         self._indices: np.ndarray | None = None  # None: every molecule (made on first use)
         self.order, self.order_note = _resolve_order(self.dataset, order)
@@ -493,6 +496,10 @@ class PackedMemmapLoader:
         key = (spec, plan.shapes, num_devices, reuse_buffers, hold, n_threads)
         reads = self._plan(spec, epoch).reads  # block order: windows to read ahead
         advise_random(self.dataset, random=self.shuffle and reads is None)
+        dipoles = self.dataset.D
+        if dipoles is not None:  # per molecule: gathered here by mol_idx, outside the kernels
+            inner = convert
+            convert = lambda item: _with_dipoles(item, dipoles, inner)  # noqa: E731
 
         def produce(worker: int) -> Iterator[Batch]:
             assembler = self._take_assembler(key, pair_counts)
@@ -617,6 +624,14 @@ def _deal_by_atoms(spec: LayoutSpec) -> bool:
     return spec.layout == "padded" or spec.cutoff is None
 
 
+def _with_dipoles(batch: Batch, dipoles: np.ndarray, then: Callable[[Batch], Batch] | None) -> Batch:
+    """``batch`` (a new dict) with ``D``: the (..., M, 3) float64 dipoles of its molecule slots, e·Å,
+    read from ``dipoles`` (N, 3) by ``mol_idx`` (zeros where ``mol_idx`` is -1); then ``then``."""
+    idx = np.asarray(batch["mol_idx"])
+    out = {**batch, "D": np.where((idx >= 0)[..., None], dipoles[np.maximum(idx, 0)], 0.0)}
+    return out if then is None else then(out)
+
+
 def _seed_format(batch: Batch) -> Batch:
     """The seed's non-PhysNet padded format: (B, num_atoms) arrays plus ``mask``."""
     B = batch["N"].shape[0]
@@ -630,6 +645,7 @@ def _seed_format(batch: Batch) -> Batch:
         "Qtot": batch["Qtot"],
         "mol_mask": batch["mol_mask"],
         "mol_idx": batch["mol_idx"],
+        **({"D": batch["D"]} if "D" in batch else {}),
     }
 
 

@@ -72,7 +72,8 @@ def pack_source(
     label = str(getattr(source, "name", "input"))
     screen = ValueScreen(label, getattr(source, "field_names", {}), skip_invalid=skip_invalid)
     with PackedWriter(output, has_forces=source.has_forces, has_qtot=source.has_qtot, force=force,
-                      inputs=getattr(source, "input_paths", ())) as writer:
+                      inputs=getattr(source, "input_paths", ()),
+                      has_dipoles=bool(getattr(source, "has_dipoles", False))) as writer:
         for chunk in source.chunks():
             writer.append(screen(chunk))
             if progress is not None:
@@ -113,11 +114,14 @@ def pack_npz(
     force: bool = False,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     progress: ProgressCallback | None = None,
+    dipole_origin: str = "coordinates",
 ) -> PackResult:
     """Pack an NPZ file (PhysNet padded, sGDML/MD17/rMD17 trajectory, or flat layout).
 
-    Energies go to kcal/mol, lengths to Å, forces to kcal/mol/Å. Units default to the file's
-    ``e_unit``/``r_unit`` entries when present, else kcal/mol and Å. See :class:`NpzSource`.
+    Energies go to kcal/mol, lengths to Å, forces to kcal/mol/Å, dipoles (a ``D`` key) to e·Å
+    about each molecule's centroid (``dipole_origin`` says where the file's are taken: about the
+    coordinate origin, as xTB reports them, or already about the centroid). Units default to the
+    file's ``e_unit``/``r_unit`` entries when present, else kcal/mol and Å. See :class:`NpzSource`.
     """
     with NpzSource(
         input,
@@ -126,6 +130,7 @@ def pack_npz(
         length_unit=length_unit,
         skip_invalid=skip_invalid,
         chunk_size=chunk_size,
+        dipole_origin=dipole_origin,
     ) as source:
         return pack_source(source, output, skip_invalid=skip_invalid, force=force, progress=progress)
 

@@ -27,6 +27,8 @@ from .format import (
     N_ATOMS,
     OFFSETS,
     QTOT_FILE,
+    D_FILE,
+    F_FILE,
     RAW_FILES,
     Z_FILE,
     RawFileSpec,
@@ -361,10 +363,10 @@ def _check_meta(
     checksums: bool,
     report: ValidationReport,
 ) -> None:
+    absent_means = {F_FILE: "no forces", QTOT_FILE: "all molecules neutral"}  # most data has no dipoles: no note
     for spec in RAW_FILES:
-        if present[spec.name] is None and not spec.required:
-            report.notes.append(f"no {spec.name}: {'no forces' if spec.width == 3 else 'all molecules neutral'}; "
-                                "nothing to check")
+        if present[spec.name] is None and spec.name in absent_means:
+            report.notes.append(f"no {spec.name}: {absent_means[spec.name]}; nothing to check")
     try:
         meta = read_meta(root)
     except FormatError as exc:
@@ -397,7 +399,7 @@ def _check_meta_fields(meta: dict[str, Any], present: dict[str, int | None], rep
     for key, actual in report.counts.items():
         if meta.get(key) != actual:
             report.add(META, f"{key} is {meta.get(key)!r} but the files hold {actual}")
-    for key, name in (("has_forces", "F_pack.f32"), ("has_qtot", QTOT_FILE)):
+    for key, name in (("has_forces", F_FILE), ("has_qtot", QTOT_FILE), ("has_dipoles", D_FILE)):
         if key in meta and bool(meta[key]) != (present[name] is not None):
             report.add(META, f"{key} is {meta[key]!r} but {name} is {'present' if present[name] is not None else 'absent'}")
 

@@ -61,7 +61,8 @@ def test_given_flags_reach_the_saved_config(tmp_path: Path) -> None:
     expected = dataclasses.replace(TrainConfig(), data_path=str(data), runs_dir=str(tmp_path / "runs"), name="flags",
                                    num_epochs=0, features=8, num_basis=8, b1=0.8, plateau_min_scale=0.05,
                                    electrostatics=False, loss="mse", lr_schedule="plateau",
-                                   order="molecule")  # what --order auto chose for the small sample is saved
+                                   order="molecule",  # what --order auto chose for the small sample is saved
+                                   pair_list="all")  # and what --pair-list auto chose (15 atoms at most)
     assert saved == expected.to_dict()
 
 

@@ -20,7 +20,8 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write energy and force parity plots and the force error by element (PNG/PDF/SVG; needs the plot extra)."),
 ) -> None:
-    """Energy and force MAE/RMSE of a run's EMA weights on a packed directory (kcal/mol, kcal/mol/Å)."""
+    """Energy and force MAE/RMSE of a run's EMA weights on a packed directory (kcal/mol, kcal/mol/Å), and
+    dipole MAE/RMSE (e·Å) when it has dipoles."""
     from ..train.evaluate import evaluate_run
 
     if plot is not None:
@@ -43,6 +44,9 @@ def evaluate(
                   f"{result.baseline_energy_mae:.4f} (per-element linear regression)")
     table.add_row("forces (kcal/mol/Å)", f"{result.forces_mae:.4f}", f"{result.forces_rmse:.4f}",
                   f"{result.baseline_forces_mae:.4f} (zero forces)")
+    if result.has_dipoles:
+        table.add_row("dipoles (e·Å)", f"{result.dipole_mae:.4f}", f"{result.dipole_rmse:.4f}",
+                      f"{result.baseline_dipole_mae:.4f} (zero dipoles)")
     console.print(table)
     if plot is not None:
         console.print(f"parity plots written to {plot}")

@@ -20,7 +20,7 @@ def pack_npz_command(
     input: Optional[Path] = typer.Argument(None, help="NPZ file (omit with --sample).", show_default=False),
     output_dir: Optional[Path] = typer.Argument(None, help="Packed directory to create.", show_default=False),
     keys: Optional[str] = typer.Option(
-        None, "--keys", help="Member names for roles R,Z,E,F,N,Q, e.g. 'R=coords,Z=atomic_numbers'."
+        None, "--keys", help="Member names for roles R,Z,E,F,N,Q,D, e.g. 'R=coords,Z=atomic_numbers'."
     ),
     energy_unit: Optional[str] = typer.Option(
         None, "--energy-unit", help="kcal/mol, ev, hartree or kj/mol \\[default: the file's e_unit, else kcal/mol]."
@@ -32,10 +32,14 @@ def pack_npz_command(
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT_DIR if it exists."),
     chunk_size: int = typer.Option(DEFAULT_CHUNK_SIZE, "--chunk-size", help="Molecules per chunk (bounds memory)."),
     sample: bool = typer.Option(False, "--sample", help="Pack the bundled sample; then the only argument is OUTPUT_DIR."),
+    dipole_origin: str = typer.Option(
+        "coordinates", "--dipole-origin",
+        help="Where the file's dipoles (key D) are taken: 'coordinates' (the coordinate origin, as xTB reports "
+             "them; moved to each molecule's centroid) or 'centroid' (stored as they are)."),
 ) -> None:
     """Convert an NPZ file (PhysNet padded, sGDML/MD17/rMD17, or flat layout) into a packed directory.
 
-    Energies become kcal/mol, positions Å, forces kcal/mol/Å.
+    Energies become kcal/mol, positions Å, forces kcal/mol/Å, dipoles e·Å about each molecule's centroid.
     """
     source, target = _input_and_output(input, output_dir, sample)
     with molecule_progress() as progress:
@@ -49,6 +53,7 @@ def pack_npz_command(
             skip_invalid=skip_invalid,
             force=force,
             chunk_size=chunk_size,
+            dipole_origin=dipole_origin,
             progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
     print_pack_result(result, "invalid")

@@ -14,7 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from packedqdc.model.electrostatics import correct_charges, electrostatic_energy_per_atom
+from packedqdc.model.electrostatics import (
+    banded_electrostatic_energy,
+    correct_charges,
+    electrostatic_energy_per_atom,
+)
 from packedqdc.model.layers import (
     ExpNormalRBF,
     InteractionBlock,
@@ -69,6 +73,13 @@ class PhysNet(nn.Module):
         initialisation), so that atoms can tell a cation from an anion from a neutral molecule (a
         simple form of SpookyNet's electronic embedding). Without it atoms see Qtot only through
         the charge correction.
+      coulomb_window (0): 0: the Coulomb term sums over the batch's pair list, which must then hold
+        every pair of each molecule (all-pairs lists). k > 0: it sums over every pair of atoms of a
+        molecule at most k slots apart in the batch (``banded_electrostatic_energy``), so the pair
+        list may be a cutoff list (the network needs no pair beyond ``cutoff``: its radial basis
+        vanishes there) while Coulomb keeps its full range. k must be at least the largest
+        molecule's atom count minus one; it only sets shapes (``with_coulomb_window``), never
+        parameters. A model with k > 0 is fed cutoff pair lists (``cutoff_pairs``).
       dtype (float32): compute dtype. Parameters are always stored in float32.
       precision ("highest"): matmul precision of the dense layers (a ``jax.lax.Precision`` or its
         name). "highest" keeps true float32 on GPUs whose default is TF32; None uses JAX's
@@ -92,6 +103,7 @@ class PhysNet(nn.Module):
     charge_shift_init: ElementInit = 0.0
     natoms: int = 60
     charge_embedding: bool = False
+    coulomb_window: int = 0
     dtype: Dtype = jnp.float32
     precision: Any = "highest"
 
@@ -101,7 +113,7 @@ class PhysNet(nn.Module):
         for name in ("features", "num_basis", "cutoff", "num_iterations", "num_res_atomic",
                      "num_res_interaction", "num_res_output", "max_z", "electrostatics",
                      "energy_scale_init", "energy_shift_init", "charge_scale_init",
-                     "charge_shift_init", "natoms", "charge_embedding", "precision"):
+                     "charge_shift_init", "natoms", "charge_embedding", "coulomb_window", "precision"):
             value = getattr(self, name)
             if isinstance(value, (tuple, list)):
                 value = list(value)
@@ -137,6 +149,10 @@ class PhysNet(nn.Module):
           charges_uncorrected: (A,) e, s^Q_Z Σ_m q_i^m + μ^Q_Z (0 on padding).
           sum_charges: (M,) e, per-molecule sum of the uncorrected charges (PhysNet's charge
             loss compares this with Qtot).
+          dipole: (M, 3) e·Å, Σ_i q̃_i (R_i − c) over the molecule's atoms, with c the molecule's
+            centroid (mean atom position): PhysNet's dipole of the corrected charges, taken about
+            the centroid so that an ion's dipole does not depend on where it sits (the packed
+            format's ``D.f64`` convention; 0 for empty slots).
           nh_loss: () non-hierarchicality penalty Σ_{m≥1} mean((o^m)² / ((o^m)² + (o^{m−1})² +
             1e−7)), the mean over real atoms and both output channels.
         """
@@ -210,8 +226,12 @@ class PhysNet(nn.Module):
         charges_raw = (per_element(q_scale) * out_sum[:, 1] + per_element(q_shift)) * amask
         sum_charges = jax.ops.segment_sum(charges_raw, batch_segments, num_segments=num_molecules)
         charges = correct_charges(charges_raw, batch_segments, atom_mask, Qtot, num_molecules)
+        dipole = molecular_dipoles(charges, R, batch_segments, atom_mask, num_molecules)
 
-        if self.electrostatics:
+        if self.electrostatics and self.coulomb_window > 0:
+            e_ele = banded_electrostatic_energy(charges, R, batch_segments, atom_mask, num_molecules,
+                                                int(self.coulomb_window), self.cutoff)
+        elif self.electrostatics:
             e_ele_atom = electrostatic_energy_per_atom(charges, r, dst_idx, src_idx, pair_mask,
                                                        self.cutoff) * amask
             e_ele = jax.ops.segment_sum(e_ele_atom, batch_segments, num_segments=num_molecules)
@@ -227,12 +247,43 @@ class PhysNet(nn.Module):
             "charges": charges,
             "charges_uncorrected": charges_raw,
             "sum_charges": sum_charges,
+            "dipole": dipole,
             "nh_loss": nh_loss,
         }
 
 
+def molecular_dipoles(charges: Array, R: Array, batch_segments: Array, atom_mask: Array,
+                      num_molecules: int) -> Array:
+    """(M, 3) e·Å dipoles Σ_i q_i (R_i − c_m) about each molecule's centroid c_m.
+
+    Args: charges (A,) e (0 on padding); R (A, 3) Å; batch_segments (A,) molecule slots;
+    atom_mask (A,) bool; num_molecules M (static).
+    """
+    amask = atom_mask.astype(R.dtype)
+    count = jax.ops.segment_sum(amask, batch_segments, num_segments=num_molecules)
+    centroid = jax.ops.segment_sum(R * amask[:, None], batch_segments, num_segments=num_molecules)
+    centroid = centroid / jnp.maximum(count, 1.0)[:, None]
+    arm = (R - centroid[batch_segments]) * amask[:, None]
+    return jax.ops.segment_sum(charges[:, None] * arm, batch_segments, num_segments=num_molecules)
+
+
 #: The seed's name for the model: ``EF(features=128, num_iterations=3, cutoff=5.0, natoms=60)``.
 EF = PhysNet
+
+
+def cutoff_pairs(model: PhysNet) -> float | None:
+    """The pair-list cutoff (Å) a model is fed: its ``cutoff`` when it computes Coulomb over every
+    pair by itself (``coulomb_window > 0``), else None (all ordered pairs of each molecule)."""
+    return float(model.cutoff) if model.coulomb_window > 0 else None
+
+
+def with_coulomb_window(model: PhysNet, max_atoms: int) -> PhysNet:
+    """``model`` able to take molecules of up to ``max_atoms`` atoms: a model on cutoff pair lists
+    gets a Coulomb window of at least ``max_atoms - 1`` (the parameters are unchanged); a model on
+    all-pairs lists is returned as it is."""
+    if model.coulomb_window <= 0 or model.coulomb_window >= max_atoms - 1:
+        return model
+    return model.clone(coulomb_window=int(max_atoms) - 1)
 
 
 # --------------------------------------------------------------------------------------------------

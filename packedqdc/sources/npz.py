@@ -3,7 +3,8 @@
 Layouts (detected from the shapes, see ``docs/pack-and-validate.md``):
 
 - ``padded`` (PhysNet/SN2): ``R (M, A, 3)``, ``Z (M, A)`` zero-padded, ``N (M,)`` (inferred as the
-  count of ``Z > 0`` per row when absent), ``E (M,)`` or ``(M, 1)``, optional ``F (M, A, 3)``, ``Q (M,)``.
+  count of ``Z > 0`` per row when absent), ``E (M,)`` or ``(M, 1)``, optional ``F (M, A, 3)``, ``Q (M,)``,
+  ``D (M, 3)`` (dipole moments, e × the length unit).
 - ``trajectory`` (sGDML/MD17/MD22, rMD17): ``z (A,)`` shared by every frame, ``R (M, A, 3)``, ``E``, ``F``.
 - ``flat`` (DimeNet-style ragged): ``N (M,)``, ``Z (sum N,)``, ``R (sum N, 3)``, optional ``F (sum N, 3)``.
 
@@ -31,9 +32,10 @@ from ..errors import ConfigError, SourceError
 from ..format import MoleculeChunk
 from ..units import energy_factor, length_factor
 from . import UnreadableSourceError
+from ..dipoles import about_centroid
 from .toolkit import scaled as _scaled
 
-ROLES = ("R", "Z", "E", "F", "N", "Q")
+ROLES = ("R", "Z", "E", "F", "N", "Q", "D")
 DEFAULT_KEYS: dict[str, tuple[str, ...]] = {
     "R": ("R", "coords", "positions"),
     "Z": ("Z", "z", "nuclear_charges", "atomic_numbers"),
@@ -41,7 +43,11 @@ DEFAULT_KEYS: dict[str, tuple[str, ...]] = {
     "F": ("F", "forces"),
     "N": ("N",),
     "Q": ("Q", "Qtot", "charge"),
+    "D": ("D", "dipole", "dipoles"),
 }
+#: where the dipoles of an NPZ are taken: about the coordinate origin (as xTB/tblite report them)
+#: or already about each molecule's centroid (the packed format's convention)
+DIPOLE_ORIGINS = ("coordinates", "centroid")
 REQUIRED_ROLES = ("R", "Z", "E")
 #: what a damaged zip container raises while members are opened or inflated
 DAMAGED_ZIP = (zipfile.BadZipFile, zlib.error, EOFError)
@@ -52,7 +58,7 @@ def parse_keys(spec: str | None) -> dict[str, str]:
     """Parse ``--keys R=coords,Z=atomic_numbers`` into ``{"R": "coords", "Z": "atomic_numbers"}``.
 
     Raises:
-        ConfigError: on a malformed item or a role other than R, Z, E, F, N, Q.
+        ConfigError: on a malformed item or a role other than R, Z, E, F, N, Q, D.
     """
     if not spec:
         return {}
@@ -221,6 +227,7 @@ class _Raw:
     E: np.ndarray
     F: np.ndarray | None
     Q: np.ndarray | None
+    D: np.ndarray | None = None
 
 
 class NpzSource:
@@ -228,11 +235,14 @@ class NpzSource:
 
     Args:
         path: the ``.npz`` file.
-        keys: role -> member name overrides (roles R, Z, E, F, N, Q), see :func:`parse_keys`.
+        keys: role -> member name overrides (roles R, Z, E, F, N, Q, D), see :func:`parse_keys`.
         energy_unit: unit of E (and of F's numerator); None: the file's ``e_unit``, else kcal/mol.
         length_unit: unit of R (and of F's denominator); None: the file's ``r_unit``, else Å.
         skip_invalid: drop molecules with bad values instead of raising.
         chunk_size: molecules per chunk; memory is bounded by one chunk.
+        dipole_origin: ``"coordinates"`` (default): the ``D`` values are about the coordinate origin,
+            as xTB reports them, and are moved to each molecule's centroid (``D - Qtot * centroid``;
+            no change for neutral molecules); ``"centroid"``: they are already about the centroid.
 
     Raises:
         UnreadableSourceError: the file is missing or not a readable NPZ.
@@ -249,7 +259,11 @@ class NpzSource:
         length_unit: str | None = None,
         skip_invalid: bool = False,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        dipole_origin: str = "coordinates",
     ) -> None:
+        if dipole_origin not in DIPOLE_ORIGINS:
+            raise ConfigError(f"--dipole-origin must be one of {', '.join(DIPOLE_ORIGINS)}, got {dipole_origin!r}")
+        self.dipole_origin = dipole_origin
         self.path = Path(path)
         self.name = str(path)
         if chunk_size < 1:
@@ -269,6 +283,7 @@ class NpzSource:
             raise
         self.has_forces = "F" in self._members
         self.has_qtot = True  # without Q, Qtot is written as zeros (provenance says so)
+        self.has_dipoles = "D" in self._members
 
     # ---- opening ------------------------------------------------------------------------
 
@@ -335,6 +350,7 @@ class NpzSource:
             self._expect("Z", (n_mol, width) if self.layout == "padded" else (width,))
             self._expect("F", (n_mol, width, 3))
             self._expect("N", (n_mol,))
+        self._expect("D", (n_mol, 3))
         for role in ("E", "Q"):
             if role in m and m[role].shape not in ((n_mol,), (n_mol, 1)):
                 raise SourceError(
@@ -343,7 +359,7 @@ class NpzSource:
         for role in ("Z", "N"):
             if role in m and m[role].dtype.kind not in "iu":
                 raise SourceError(f"{self.name}: key {m[role].key!r}: dtype {m[role].dtype}, expected integers")
-        for role in ("R", "E", "F", "Q"):
+        for role in ("R", "E", "F", "Q", "D"):
             if role in m and m[role].dtype.kind not in "fiu":
                 raise SourceError(f"{self.name}: key {m[role].key!r}: dtype {m[role].dtype}, expected numbers")
         return int(n_mol)
@@ -449,6 +465,7 @@ class NpzSource:
             E=self._get("E", lo, hi).reshape(-1),
             F=_rows_masked(self._get("F", lo, hi), mask),
             Q=_flat_or_none(self._get("Q", lo, hi)),
+            D=self._get("D", lo, hi),
         )
 
     def _read_trajectory(self, lo: int, hi: int, z: np.ndarray) -> _Raw:
@@ -464,6 +481,7 @@ class NpzSource:
             E=self._get("E", lo, hi).reshape(-1),
             F=None if f is None else f.reshape(-1, 3),
             Q=_flat_or_none(self._get("Q", lo, hi)),
+            D=self._get("D", lo, hi),
         )
 
     def _read_flat(self, lo: int, hi: int, atom_lo: int) -> _Raw:
@@ -479,6 +497,7 @@ class NpzSource:
             E=self._get("E", lo, hi).reshape(-1),
             F=self._get("F", atom_lo, atom_hi),
             Q=_flat_or_none(self._get("Q", lo, hi)),
+            D=self._get("D", lo, hi),
         )
 
     def _checked(self, raw: _Raw, lo: int) -> tuple[_Raw, np.ndarray]:
@@ -503,6 +522,12 @@ class NpzSource:
 
     def _converted(self, raw: _Raw, index: np.ndarray) -> MoleculeChunk:
         u = self._units
+        qtot = np.zeros(raw.counts.shape[0]) if raw.Q is None else raw.Q.astype(np.float64, copy=False)
+        dipoles = None
+        if raw.D is not None:
+            dipoles = _scaled(raw.D, u["length_factor"], np.float64)
+            if self.dipole_origin == "coordinates":
+                dipoles = about_centroid(dipoles, qtot, _scaled(raw.R, u["length_factor"], np.float64), raw.counts)
         return MoleculeChunk(
             index=index,
             n_atoms=raw.counts.astype(np.int32),
@@ -510,7 +535,8 @@ class NpzSource:
             R=_scaled(raw.R, u["length_factor"], np.float32),
             E=_scaled(raw.E, u["energy_factor"], np.float64),
             F=None if raw.F is None else _scaled(raw.F, u["force_factor"], np.float32),
-            Qtot=np.zeros(raw.counts.shape[0]) if raw.Q is None else raw.Q.astype(np.float64, copy=False),
+            Qtot=qtot,
+            D=dipoles,
         )
 
     # ---- reporting ----------------------------------------------------------------------
@@ -520,7 +546,7 @@ class NpzSource:
         """How messages name each chunk field: by the NPZ key it was read from."""
         roles = {"n_atoms": "N" if "N" in self._members else "Z", "Qtot": "Q"}
         names = {}
-        for name in ("n_atoms", "Z", "R", "F", "E", "Qtot"):
+        for name in ("n_atoms", "Z", "R", "F", "E", "Qtot", "D"):
             member = self._members.get(roles.get(name, name))
             if member is not None:
                 names[name] = f"key {member.key!r}"
@@ -543,6 +569,8 @@ class NpzSource:
             "factors": {k: self._units[f"{k}_factor"] for k in ("energy", "length", "force")},
             "had_forces": self.has_forces,
             "had_charges": "Q" in self._members,
+            "had_dipoles": self.has_dipoles,
+            **({"dipole_origin": self.dipole_origin} if self.has_dipoles else {}),
             "skipped_invalid": self.skipped,
         }
 
@@ -609,6 +637,7 @@ def _subset(raw: _Raw, keep: np.ndarray) -> _Raw:
         E=raw.E[keep],
         F=None if raw.F is None else raw.F[atoms],
         Q=None if raw.Q is None else raw.Q[keep],
+        D=None if raw.D is None else raw.D[keep],
     )
 
 

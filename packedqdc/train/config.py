@@ -29,17 +29,25 @@ PHYSNET_CHARGE_WEIGHT = 14.399645351950548
 LAYOUTS = ("packed", "padded")
 ORDERS = ("auto", "molecule", "block")  # the loader's (packedqdc.loader.ORDERS)
 LOSSES = ("mae", "mse")
+#: Pair lists of the network: every ordered pair of each molecule, or those within --cutoff.
+PAIR_LISTS = ("auto", "all", "cutoff")
+#: pair_list="auto" takes cutoff pair lists when the training data's largest molecule has more atoms
+AUTO_CUTOFF_MIN_ATOMS = 40
 LR_SCHEDULES = ("exponential", "plateau", "cosine")
 #: Energy units the loss can be computed in (the data are always kcal/mol).
 LOSS_UNITS = ("ev", "kcal/mol")
 #: Values of options added after a run's config.json was written that reproduce what such a run did.
-LEGACY_VALUES: dict[str, Any] = {"loss_unit": "kcal/mol", "warmup_steps": 0, "charge_embedding": False}
+LEGACY_VALUES: dict[str, Any] = {"loss_unit": "kcal/mol", "warmup_steps": 0, "charge_embedding": False,
+                                 "pair_list": "all"}
 #: PhysNet's non-hierarchicality weight (config.txt), in eV.
 PHYSNET_NH_WEIGHT = 0.01
 #: Default charge and nh weights, kcal/mol per e and kcal/mol: PhysNet's numbers read in kcal/mol,
 #: i.e. 23x weaker than PhysNet's eV values; measured better in short runs (docs/training.md).
 DEFAULT_CHARGE_WEIGHT_KCAL = PHYSNET_CHARGE_WEIGHT
 DEFAULT_NH_WEIGHT_KCAL = 0.01
+#: PhysNet's dipole weight (config.txt, eV per e·Å), read in kcal/mol per e·Å like the charge weight;
+#: used only when the training data has dipoles (D.f64).
+DEFAULT_DIPOLE_WEIGHT_KCAL = 27.211386024367243
 #: A run name is one plain directory name, so that a run stays inside its runs directory.
 RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+=@-]*")
 
@@ -77,7 +85,8 @@ class TrainConfig:
     ``cutoff`` (Å), ``electrostatics`` (None: on iff the training data has charged molecules).
 
     Loss: ``loss`` ("mae" as PhysNet, or "mse") with ``energy_weight``, ``forces_weight``,
-    ``charge_weight`` and ``nh_weight`` (non-hierarchicality penalty).
+    ``charge_weight``, ``dipole_weight`` (only for data with dipoles) and ``nh_weight``
+    (non-hierarchicality penalty).
 
     Optimiser: AMSGrad (``b1``, ``b2``, ``eps``) after global-norm clipping at ``clip_norm``;
     ``learning_rate`` decays as ``lr * decay_rate ** (step / decay_steps)`` ("exponential") or is
@@ -107,6 +116,11 @@ class TrainConfig:
     num_basis: int = option(32, "Model", "Radial basis functions (PhysNet's: 64; 32 trains 1.6x faster on CPU "
                             "and was as accurate per epoch, docs/training.md).")
     cutoff: float = option(5.0, "Model", "Short-range cutoff, Å.")
+    pair_list: str = option(
+        "auto", "Model", "Pairs the network sees: all (every ordered pair of each molecule) or cutoff (only pairs "
+        "closer than --cutoff; the Coulomb term still covers every pair); auto: cutoff when the largest molecule has "
+        f"more than {AUTO_CUTOFF_MIN_ATOMS} atoms (the choice is saved). Same model either way, see docs/training.md.",
+        choices=PAIR_LISTS)
     electrostatics: bool | None = option(
         None, "Model", "Shielded Coulomb energy of the atomic charges [default: on iff the training data has "
         "charged molecules].")
@@ -123,6 +137,10 @@ class TrainConfig:
     nh_weight: float | None = option(
         None, "Loss", "Weight of the non-hierarchicality penalty, energy in the loss unit [default: 0.01 "
         "kcal/mol (4.3e-4 with --loss-unit ev); PhysNet's is 0.01 eV = 0.2306 kcal/mol].")
+    dipole_weight: float | None = option(
+        None, "Loss", "Weight of the dipole term, energy per e·Å in the loss unit; used only when the data has "
+        "dipoles (D.f64) [default: 27.21 kcal/mol per e·Å (1.18 with --loss-unit ev), PhysNet's number; 0 turns "
+        "the term off, see docs/training.md].")
     loss_unit: str = option(
         "kcal/mol", "Loss", "Energy unit of the loss: errors are converted to it before weighting (ev: PhysNet's "
         "own units, whose AMSGrad ε is then 23x larger relative to the gradients).", choices=LOSS_UNITS)
@@ -155,6 +173,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         checks = [
             (self.layout in LAYOUTS, f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}"),
+            (self.pair_list in PAIR_LISTS, f"pair_list must be one of {', '.join(PAIR_LISTS)}, got {self.pair_list!r}"),
             (self.loss in LOSSES, f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}"),
             (self.lr_schedule in LR_SCHEDULES,
              f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}"),
@@ -168,6 +187,8 @@ class TrainConfig:
             (self.cutoff > 0, f"cutoff must be > 0, got {self.cutoff}"),
             (self.decay_steps >= 1, f"decay_steps must be >= 1, got {self.decay_steps}"),
             (self.loss_unit in LOSS_UNITS, f"loss_unit must be one of {', '.join(LOSS_UNITS)}, got {self.loss_unit!r}"),
+            (self.dipole_weight is None or self.dipole_weight >= 0,
+             f"dipole_weight must be >= 0, got {self.dipole_weight}"),
             (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
             (0.0 <= self.final_lr_scale <= 1.0, f"final_lr_scale must be in [0, 1], got {self.final_lr_scale}"),
             (0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {self.ema_decay}"),
@@ -192,6 +213,12 @@ class TrainConfig:
         charge = DEFAULT_CHARGE_WEIGHT_KCAL * per_kcal if self.charge_weight is None else self.charge_weight
         nh = DEFAULT_NH_WEIGHT_KCAL * per_kcal if self.nh_weight is None else self.nh_weight
         return charge, nh
+
+    def dipole_term_weight(self) -> float:
+        """The dipole weight in the loss unit: the given one, or the default (kcal/mol per e·Å)
+        converted to it. Applies only to data with dipoles (``step.loss_weights``)."""
+        per_kcal = 1.0 if self.loss_unit == "kcal/mol" else 1.0 / EV_TO_KCAL_MOL
+        return DEFAULT_DIPOLE_WEIGHT_KCAL * per_kcal if self.dipole_weight is None else self.dipole_weight
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with ``changes`` applied (validated again)."""

@@ -66,20 +66,23 @@ class LoaderStream:
         layout: "packed" or "padded".
         num_atoms: padded layout: atom slots per molecule (a larger molecule is a ConfigError).
         devices: ``D``, sub-batches per global batch.
+        cutoff: pair lists of the pairs closer than this (Å), for a model on cutoff pairs
+            (``PhysNet.coulomb_window > 0``); None: all ordered pairs of each molecule.
         put: places a prepared global batch on the devices (e.g. ``Placement.put_batch``); None:
             ``epoch()`` yields host numpy arrays.
     """
 
     def __init__(self, loader: PackedMemmapLoader, reference: ReferenceEnergies, *, layout: str,
                  num_atoms: int, devices: int = 1,
-                 put: Callable[[Mapping[str, np.ndarray]], Any] | None = None) -> None:
+                 put: Callable[[Mapping[str, np.ndarray]], Any] | None = None, cutoff: float | None = None) -> None:
         self.loader = loader
         self.reference = reference
         self.layout = layout
         self.num_atoms = num_atoms if layout == "padded" else None
         self.devices = devices
         self.put = put
-        loader.shapes(layout=layout, num_atoms=self.num_atoms)  # fail early on a molecule too large
+        self.cutoff = cutoff
+        loader.shapes(layout=layout, num_atoms=self.num_atoms, cutoff=cutoff)  # fail early on a molecule too large
 
     def _prepare(self, item: Mapping[str, np.ndarray]) -> tuple[Any, np.ndarray]:
         if np.ndim(item["Z"]) == 1:  # one device: the loader yields plain batches
@@ -91,10 +94,11 @@ class LoaderStream:
     def epoch(self) -> Iterator[tuple[Any, np.ndarray]]:
         """``(global batch, mol_idx of its real molecules)`` for the rest of the epoch."""
         yield from self.loader.stacked_batches(
-            self.devices, num_atoms=self.num_atoms, layout=self.layout, transfer=self._prepare)
+            self.devices, num_atoms=self.num_atoms, layout=self.layout, cutoff=self.cutoff, transfer=self._prepare)
 
     def num_steps(self) -> int:
-        return self.loader.num_batches(layout=self.layout, num_atoms=self.num_atoms, num_devices=self.devices)
+        return self.loader.num_batches(layout=self.layout, num_atoms=self.num_atoms, cutoff=self.cutoff,
+                                       num_devices=self.devices)
 
     def state(self) -> dict[str, Any]:
         return {**self.loader.state(), "devices": self.devices}

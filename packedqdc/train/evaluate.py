@@ -1,7 +1,7 @@
 """Errors of a trained run on a packed directory, next to the two trivial baselines.
 
 Baselines: the per-element linear regression alone (the run's reference energies, i.e. a model
-predicting zero residual) for energies, and zero forces.
+predicting zero residual) for energies, zero forces, and zero dipoles (data with ``D.f64``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from ..errors import ConfigError, FormatError, TrainingError
 from ..finite import all_finite
 from ..format import Z_FILE, PackedDataset
 from ..loader import PackedMemmapLoader
+from ..model.physnet import cutoff_pairs, with_coulomb_window
 from .config import TrainConfig
 from .data import LoaderStream
 from .loop import evaluate_stream
@@ -29,7 +30,8 @@ from .step import loss_weights, make_eval_step
 
 @dataclass(frozen=True)
 class EvalResult:
-    """kcal/mol and kcal/mol/Å (forces per Cartesian component)."""
+    """kcal/mol and kcal/mol/Å (forces per Cartesian component); dipoles e·Å per Cartesian component
+    (NaN when the data has no ``D.f64``)."""
 
     energy_mae: float
     energy_rmse: float
@@ -38,10 +40,19 @@ class EvalResult:
     n_molecules: int
     baseline_energy_mae: float
     baseline_forces_mae: float
+    dipole_mae: float = math.nan
+    dipole_rmse: float = math.nan
+    baseline_dipole_mae: float = math.nan
+
+    @property
+    def has_dipoles(self) -> bool:
+        return math.isfinite(self.dipole_mae)
 
     def summary(self) -> dict[str, float | int]:
-        """The five keys of ``packedqdc evaluate --json``."""
+        """The keys of ``packedqdc evaluate --json``: five, plus dipole MAE and RMSE for data with dipoles."""
         keys = ("energy_mae", "energy_rmse", "forces_mae", "forces_rmse", "n_molecules")
+        if self.has_dipoles:
+            keys += ("dipole_mae", "dipole_rmse")
         return {key: asdict(self)[key] for key in keys}
 
 
@@ -59,8 +70,10 @@ def evaluate_run(run_dir: str | Path, data_path: str | Path, which: str = "best"
     cfg = meta["config"]
     loader = PackedMemmapLoader(data_path, batch_size=int(cfg["batch_size"]), shuffle=False)
     check_elements(loader.dataset, reference)
-    stream = LoaderStream(loader, reference, layout="packed", num_atoms=int(cfg["num_atoms"]))
-    weights = loss_weights(TrainConfig.from_dict(meta["config"]), loader.has_forces)
+    model = with_coulomb_window(model, int(loader.n_atoms.max(initial=1)))
+    stream = LoaderStream(loader, reference, layout="packed", num_atoms=int(cfg["num_atoms"]),
+                          cutoff=cutoff_pairs(model))  # the pairs the run trained on
+    weights = loss_weights(TrainConfig.from_dict(meta["config"]), loader.has_forces, loader.has_dipoles)
     eval_step = make_eval_step(model, weights)
     baseline = _Baseline(loader.dataset)
     totals = evaluate_stream(eval_step, state.ema_params, stream, jax.device_put, on_batch=baseline.add)
@@ -70,6 +83,7 @@ def evaluate_run(run_dir: str | Path, data_path: str | Path, which: str = "best"
                             f"{metrics['energy_mae']}); the {which} checkpoint's weights or the geometries "
                             "are broken (atoms on top of each other?)")
     forces_ok = loader.has_forces
+    dipoles_ok = loader.has_dipoles and totals["n_dip"] > 0
     return EvalResult(
         energy_mae=metrics["energy_mae"],
         energy_rmse=metrics["energy_rmse"],
@@ -78,6 +92,9 @@ def evaluate_run(run_dir: str | Path, data_path: str | Path, which: str = "best"
         n_molecules=baseline.n_mol,
         baseline_energy_mae=baseline.e / max(baseline.n_mol, 1),
         baseline_forces_mae=baseline.f / max(baseline.n_comp, 1) if forces_ok else math.nan,
+        dipole_mae=metrics["dipole_mae"] if dipoles_ok else math.nan,
+        dipole_rmse=math.sqrt(totals["d_sq"] / (3 * totals["n_dip"])) if dipoles_ok else math.nan,
+        baseline_dipole_mae=baseline.d / max(3 * baseline.n_mol, 1) if dipoles_ok else math.nan,
     )
 
 
@@ -97,7 +114,7 @@ class _Baseline:
 
     def __init__(self, data: PackedDataset) -> None:
         self.data = data
-        self.e = self.f = 0.0
+        self.e = self.f = self.d = 0.0
         self.n_mol = self.n_comp = 0
 
     def add(self, global_batch: dict[str, np.ndarray], mol_idx: np.ndarray) -> None:
@@ -108,6 +125,8 @@ class _Baseline:
             self._name_bad_molecule(mol_idx)
         self.e += float(np.abs(energies).sum())
         self.f += float(np.abs(forces).sum())
+        if "D" in global_batch:
+            self.d += float(np.abs(global_batch["D"][mol_mask].astype(np.float64)).sum())
         self.n_mol += int(mol_mask.sum())
         self.n_comp += 3 * int(atom_mask.sum())
 

@@ -22,7 +22,7 @@ import numpy as np
 from ..errors import TrainingError
 from ..format import MoleculeChunk, PackedWriter, open_packed
 from ..loader import PackedMemmapLoader
-from ..model.physnet import PhysNet
+from ..model.physnet import PhysNet, cutoff_pairs, with_coulomb_window
 from ..parallel import Placement, make_placement
 from .predict import Potential, energy_forces_charges
 
@@ -133,7 +133,9 @@ def predict_packed(potential: Potential, data_path: str | Path, batch_size: int 
     E, F, charges = _outputs(m, n, scratch)
     done = np.zeros(m, bool)
     params = placement.replicate(potential.params)
-    step = _global_step(potential.model, placement)
+    model = with_coulomb_window(potential.model, int(loader.n_atoms.max(initial=1)))
+    step = _global_step(model, placement)
+    cutoff = cutoff_pairs(model)  # the pairs the run trained on
     reference = potential.reference
 
     def store(item: dict[str, np.ndarray], result: tuple[Any, Any, Any]) -> None:
@@ -157,7 +159,7 @@ def predict_packed(potential: Potential, data_path: str | Path, batch_size: int 
 
     start = time.perf_counter()
     pending = None
-    for item in loader.stacked_batches(devices, layout="packed"):
+    for item in loader.stacked_batches(devices, layout="packed", cutoff=cutoff):
         if np.ndim(item["Z"]) == 1:  # one device: plain batches
             item = {key: np.asarray(value)[None] for key, value in item.items()}
         if item.get("Qtot") is None:

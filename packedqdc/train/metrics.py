@@ -1,7 +1,8 @@
 """Error sums -> metrics, accumulated on the host in float64, and the run's ``metrics.csv``.
 
 Definitions (kcal/mol, Å, e): energy MAE/RMSE over molecules; per atom: of ΔE/N per molecule;
-forces MAE/RMSE over every Cartesian component of every real atom (PhysNet's convention).
+forces MAE/RMSE over every Cartesian component of every real atom (PhysNet's convention); dipole
+MAE (e·Å) over every Cartesian component of every molecule with a dipole (NaN without ``D.f64``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from .loss import SUM_KEYS, LossWeights, loss_from_sums
 
 #: Metric names of ``summarize``, in column order.
 METRIC_NAMES = ("loss", "energy_mae", "energy_rmse", "energy_mae_per_atom", "energy_rmse_per_atom",
-                "forces_mae", "forces_rmse", "charge_mae", "n_molecules")
+                "forces_mae", "forces_rmse", "charge_mae", "dipole_mae", "n_molecules")
 
 #: Columns of ``metrics.csv``.
 CSV_COLUMNS = ("epoch", "step", "lr", "epoch_time_s", "train_mol_per_s",
@@ -52,6 +53,7 @@ def summarize(totals: Mapping[str, float], weights: LossWeights) -> dict[str, fl
         "forces_mae": mean("f_abs", 3 * n_atoms),
         "forces_rmse": math.sqrt(mean("f_sq", 3 * n_atoms)),
         "charge_mae": mean("q_abs", n_mol),
+        "dipole_mae": mean("d_abs", 3 * totals["n_dip"]),
         "n_molecules": n_mol,
     }
 

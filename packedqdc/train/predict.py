@@ -25,7 +25,7 @@ import numpy as np
 
 from ..batching import pair_templates
 from ..errors import ConfigError, TrainingError
-from ..model.physnet import PhysNet, energy_and_forces, init_params
+from ..model.physnet import PhysNet, cutoff_pairs, energy_and_forces, init_params, with_coulomb_window
 from .checkpoint import RunCheckpoints
 from .config import TrainConfig
 from .optim import make_optimizer
@@ -41,18 +41,32 @@ def _pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 1).bit_length()
 
 
-def molecule_batch(Zs: Sequence[np.ndarray], Rs: Sequence[np.ndarray], Qtots: Sequence[float]) -> dict[str, np.ndarray]:
-    """Pack molecules into one batch of the contract (all ordered pairs), budgets rounded to 2^k.
+def molecule_batch(Zs: Sequence[np.ndarray], Rs: Sequence[np.ndarray], Qtots: Sequence[float],
+                   cutoff: float | None = None) -> dict[str, np.ndarray]:
+    """Pack molecules into one batch of the contract, budgets rounded to 2^k.
 
     Args:
         Zs: per molecule (n_i,) int atomic numbers; Rs: (n_i, 3) float positions, Å; Qtots: e.
+        cutoff: None: all ordered pairs; else only the pairs closer than ``cutoff`` Å (as the
+            loader's cutoff pair lists; for a model on cutoff pairs, ``cutoff_pairs(model)``).
     Returns a batch with ``A``, ``M``, ``P`` powers of two (at least one padding atom and slot).
     """
     n = np.asarray([len(z) for z in Zs], dtype=np.int64)
     if n.size == 0 or (n < 1).any():
         raise ConfigError("predict: every molecule needs at least one atom")
-    A, M, P = _pow2(n.sum() + 1), _pow2(n.size + 1), _pow2(max(int((n * (n - 1)).sum()), 1))
     start, t_dst, t_src = pair_templates(int(n.max()))
+    kept = None
+    if cutoff is not None:  # per molecule, which of its template pairs are within the cutoff
+        kept = []
+        for k, r in zip(n, Rs):
+            pos = np.asarray(r, np.float32).reshape(int(k), 3)
+            d, s = t_dst[start[k]:start[k + 1]], t_src[start[k]:start[k + 1]]
+            diff = pos[s] - pos[d]
+            kept.append(np.flatnonzero(np.einsum("ij,ij->i", diff, diff) < np.float32(cutoff) ** 2))
+        n_pairs = sum(x.size for x in kept)
+    else:
+        n_pairs = int((n * (n - 1)).sum())
+    A, M, P = _pow2(n.sum() + 1), _pow2(n.size + 1), _pow2(max(n_pairs, 1))
     Z = np.zeros(A, np.int32)
     R = np.zeros((A, 3), np.float32)
     seg = np.full(A, M - 1, np.int32)
@@ -61,12 +75,15 @@ def molecule_batch(Zs: Sequence[np.ndarray], Rs: Sequence[np.ndarray], Qtots: Se
     pair_mask = np.zeros(P, bool)
     a = p = 0
     for i, (z, r) in enumerate(zip(Zs, Rs)):
-        k, pc = int(n[i]), int(n[i] * (n[i] - 1))
+        k = int(n[i])
+        pick = slice(None) if kept is None else kept[i]
+        pair_dst, pair_src = t_dst[start[k]:start[k + 1]][pick], t_src[start[k]:start[k + 1]][pick]
+        pc = pair_dst.size
         Z[a:a + k] = np.asarray(z, np.int32)
         R[a:a + k] = np.asarray(r, np.float32).reshape(k, 3)
         seg[a:a + k] = i
-        dst[p:p + pc] = t_dst[start[k]:start[k + 1]] + a
-        src[p:p + pc] = t_src[start[k]:start[k + 1]] + a
+        dst[p:p + pc] = pair_dst + a
+        src[p:p + pc] = pair_src + a
         pair_mask[p:p + pc] = True
         a, p = a + k, p + pc
     mol_mask = np.arange(M) < n.size
@@ -161,7 +178,8 @@ class Potential:
         forces: list[np.ndarray] = []
         charges: list[np.ndarray] = []
         for lo in range(0, len(Zs), batch_size):
-            batch = molecule_batch(Zs[lo:lo + batch_size], Rs[lo:lo + batch_size], qtots[lo:lo + batch_size])
+            batch = molecule_batch(Zs[lo:lo + batch_size], Rs[lo:lo + batch_size], qtots[lo:lo + batch_size],
+                                   cutoff=cutoff_pairs(self.model))
             e, f, q = self.predict_on_batch(batch)
             m = min(batch_size, len(Zs) - lo)
             energies.append(e[:m])
@@ -174,9 +192,14 @@ class Potential:
 
     def predict_on_batch(self, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One batch of ``molecule_batch`` (elements not checked) -> (E (M,) float64 kcal/mol,
-        F (A, 3) float32 kcal/mol/Å, q (A,) float32 e); padding slots hold zeros / reference only."""
+        F (A, 3) float32 kcal/mol/Å, q (A,) float32 e); padding slots hold zeros / reference only.
+
+        Either pair list gives the same result for a model on cutoff pairs (its network sees nothing
+        beyond the cutoff and its Coulomb term runs over every pair by itself); the Coulomb window
+        grows to the batch's largest molecule when needed."""
         device_batch = dict(batch, Qtot=batch["Qtot"].astype(np.float32))
-        energy, forces, charges = _jitted_properties(self.model, self.params, device_batch)
+        model = with_coulomb_window(self.model, int(np.max(batch["N"], initial=1)))
+        energy, forces, charges = _jitted_properties(model, self.params, device_batch)
         e_ref = self.reference.molecule_energies(batch["Z"], batch["batch_segments"], batch["Qtot"])
         return np.asarray(energy, np.float64) + e_ref, np.asarray(forces), np.asarray(charges)
 

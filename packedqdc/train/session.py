@@ -24,7 +24,7 @@ from ..loader import PackedMemmapLoader
 from ..model.physnet import PhysNet, init_params
 from ..parallel import Placement, check_device_count, is_main_process, main_first, make_placement, sync
 from .checkpoint import RunCheckpoints
-from .config import TrainConfig
+from .config import AUTO_CUTOFF_MIN_ATOMS, TrainConfig
 from .data import LoaderStream, default_data_path, split
 from .loop import Trainer
 from .optim import make_optimizer
@@ -50,13 +50,24 @@ def build_model(model_attrs: dict[str, Any]) -> PhysNet:
     return PhysNet(**attrs)
 
 
-def model_for(cfg: TrainConfig, reference: ReferenceEnergies, electrostatics: bool) -> PhysNet:
-    """The PhysNet of ``cfg``; energy scale/shift start at the std/mean of the residual per atom."""
+def model_for(cfg: TrainConfig, reference: ReferenceEnergies, electrostatics: bool, max_atoms: int = 1) -> PhysNet:
+    """The PhysNet of ``cfg``; energy scale/shift start at the std/mean of the residual per atom.
+    With ``cfg.pair_list == "cutoff"`` its Coulomb term covers every pair of molecules of up to
+    ``max_atoms`` atoms by itself (``PhysNet.coulomb_window``)."""
+    window = max(int(max_atoms) - 1, 1) if cfg.pair_list == "cutoff" else 0
     return PhysNet(features=cfg.features, num_basis=cfg.num_basis, cutoff=cfg.cutoff,
                    num_iterations=cfg.num_iterations, electrostatics=electrostatics,
                    energy_scale_init=max(reference.per_atom_std, 1e-3),
                    energy_shift_init=reference.per_atom_mean, natoms=cfg.num_atoms,
-                   charge_embedding=cfg.charge_embedding)
+                   charge_embedding=cfg.charge_embedding, coulomb_window=window)
+
+
+def resolve_pair_list(cfg: TrainConfig, max_atoms: int) -> str:
+    """``cfg.pair_list`` with "auto" decided: cutoff pair lists when the largest molecule has more
+    than ``AUTO_CUTOFF_MIN_ATOMS`` atoms (where they pay: docs/training.md), else all pairs."""
+    if cfg.pair_list != "auto":
+        return cfg.pair_list
+    return "cutoff" if max_atoms > AUTO_CUTOFF_MIN_ATOMS else "all"
 
 
 def _loaders(cfg: TrainConfig) -> tuple[PackedMemmapLoader, PackedMemmapLoader]:
@@ -76,8 +87,9 @@ def _loaders(cfg: TrainConfig) -> tuple[PackedMemmapLoader, PackedMemmapLoader]:
 def _streams(cfg: TrainConfig, loaders: tuple[PackedMemmapLoader, PackedMemmapLoader],
              reference: ReferenceEnergies, placement: Placement) -> tuple[LoaderStream, LoaderStream]:
     """Streams that prepare and place each batch in the loader's prefetch thread, ahead of its step."""
+    cutoff = cfg.cutoff if cfg.pair_list == "cutoff" else None
     return tuple(LoaderStream(loader, reference, layout=cfg.layout, num_atoms=cfg.num_atoms,
-                              devices=placement.num_local_devices, put=placement.put_batch)
+                              devices=placement.num_local_devices, put=placement.put_batch, cutoff=cutoff)
                  for loader in loaders)
 
 
@@ -85,7 +97,7 @@ def _assemble(cfg: TrainConfig, run_dir: Path, model: PhysNet, reference: Refere
               state: TrainState, streams: tuple[LoaderStream, LoaderStream], has_forces: bool,
               placement: Placement, dataset: dict[str, Any], lock: RunLock | None,
               checkpoints: RunCheckpoints | None = None) -> Trainer:
-    weights = loss_weights(cfg, has_forces)
+    weights = loss_weights(cfg, has_forces, streams[0].loader.has_dipoles)
     return Trainer(cfg=cfg, run_dir=run_dir, model=model, reference=reference, weights=weights,
                    state=placement.replicate(state), train_data=streams[0], valid_data=streams[1],
                    train_step=placement.jit(make_train_step(model, cfg, weights)),
@@ -205,7 +217,9 @@ def _start(cfg: TrainConfig, run_dir: Path, placement: Placement, lock: RunLock 
         raise ConfigError(f"{data_path}: --data-path does not exist")
     cfg = cfg.replace(data_path=str(data_path.absolute()))
     loaders = _loaders(cfg)
-    cfg = cfg.replace(order=loaders[0].order)  # what "auto" chose: a resumed run keeps it
+    max_atoms = int(loaders[0].n_atoms.max(initial=1))  # the whole dataset's (train and valid)
+    # what "auto" chose: a resumed run keeps it
+    cfg = cfg.replace(order=loaders[0].order, pair_list=resolve_pair_list(cfg, max_atoms))
     ds, train_idx = loaders[0].dataset, loaders[0].indices
     reference = fit_reference_energies(ds, train_idx)
     _check_valid_charges(ds, loaders[1].indices, reference)
@@ -214,7 +228,7 @@ def _start(cfg: TrainConfig, run_dir: Path, placement: Placement, lock: RunLock 
     cfg = cfg.replace(electrostatics=electrostatics)
     if electrostatics:  # ions start near their energies, not 60-85 kcal/mol above them
         reference = with_initial_coulomb(reference, ds, train_idx, cfg.cutoff, seed=cfg.seed)
-    model = model_for(cfg, reference, electrostatics)
+    model = model_for(cfg, reference, electrostatics, max_atoms)
     streams = _streams(cfg, loaders, reference, placement)
     state = initial_state(cfg, model, streams[0])
     if is_main_process():

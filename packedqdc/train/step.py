@@ -36,8 +36,9 @@ Sums = dict[str, jax.Array]
 PROGRESS_KEY = "schedule_progress"
 
 
-def loss_weights(cfg: TrainConfig, has_forces: bool = True) -> LossWeights:
-    """The loss settings of ``cfg``; the force term is dropped for data without forces.
+def loss_weights(cfg: TrainConfig, has_forces: bool = True, has_dipoles: bool = False) -> LossWeights:
+    """The loss settings of ``cfg``; the force term is dropped for data without forces, the dipole
+    term for data without dipoles.
 
     The errors come in kcal/mol; with ``loss_unit="ev"`` the energy and force terms are converted
     to eV (÷ 23.06 for "mae", ÷ 23.06² for "mse"). The charge and nh weights are energies in the
@@ -47,16 +48,17 @@ def loss_weights(cfg: TrainConfig, has_forces: bool = True) -> LossWeights:
     unit = 1.0 if cfg.loss_unit == "kcal/mol" else 1.0 / EV_TO_KCAL_MOL
     scale = unit if cfg.loss == "mae" else unit * unit
     charge, nh = cfg.loss_term_weights()
+    dipole = cfg.dipole_term_weight()
     return LossWeights(energy=cfg.energy_weight * scale, forces=cfg.forces_weight * scale if has_forces else 0.0,
-                       charge=charge, nh=nh, kind=cfg.loss)
+                       charge=charge, nh=nh, kind=cfg.loss, dipole=dipole if has_dipoles else 0.0)
 
 
 def prepare_batch(batch: Mapping[str, np.ndarray], reference: ReferenceEnergies) -> dict[str, np.ndarray]:
     """A loader batch -> the arrays the steps take (host numpy, no device axis).
 
     ``E`` becomes the float32 residual ``E - reference`` (computed in float64; 0 on padding slots),
-    ``Qtot`` float32 (0 when the batch has none). Other keys are cast to ``DEVICE_KEYS`` dtypes;
-    keys the steps do not use (``mol_idx``) are dropped.
+    ``Qtot`` float32 (0 when the batch has none), ``D`` (dipoles, when the batch has them) float32.
+    Other keys are cast to ``DEVICE_KEYS`` dtypes; keys the steps do not use (``mol_idx``) are dropped.
     """
     mol_mask = np.asarray(batch["mol_mask"], dtype=bool)
     qtot = np.asarray(batch["Qtot"], dtype=np.float64) if batch.get("Qtot") is not None \
@@ -67,6 +69,8 @@ def prepare_batch(batch: Mapping[str, np.ndarray], reference: ReferenceEnergies)
            if key not in ("E", "Qtot")}
     out["E"] = residual.astype(np.float32)
     out["Qtot"] = qtot.astype(np.float32)
+    if batch.get("D") is not None:
+        out["D"] = np.where(mol_mask[:, None], np.asarray(batch["D"], dtype=np.float64), 0.0).astype(np.float32)
     return out
 
 
