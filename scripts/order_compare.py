@@ -32,6 +32,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--block-mib", type=float, default=0.008)
     ap.add_argument("--features", type=int, default=32)
+    ap.add_argument("--num-iterations", type=int, default=2)
+    ap.add_argument("--energy-unit", default=None, help="of the NPZ energies (pack npz's --energy-unit)")
+    ap.add_argument("--length-unit", default=None, help="of the NPZ positions (pack npz's --length-unit)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         grouped = Path(tmp) / "grouped.npz"
@@ -39,14 +42,15 @@ def main() -> None:
             arrays = {key: npz[key] for key in npz.files}
         order = np.argsort(arrays["smiles"], kind="stable")
         np.savez(grouped, **{k: (v[order] if v.ndim and v.shape[0] == order.shape[0] else v) for k, v in arrays.items()})
-        train = pack_npz(grouped, Path(tmp) / "train").path
-        held = pack_npz(args.held_out, Path(tmp) / "held").path
+        units = {"energy_unit": args.energy_unit, "length_unit": args.length_unit}
+        train = pack_npz(grouped, Path(tmp) / "train", **units).path
+        held = pack_npz(args.held_out, Path(tmp) / "held", **units).path
         results: dict[str, list[tuple[float, float]]] = {"molecule": [], "block": []}
         for seed in args.seeds:
             for order in ("molecule", "block"):
                 cfg = TrainConfig(data_path=str(train), runs_dir=str(Path(tmp) / "runs"), name=f"{order}-{seed}",
-                                  features=args.features, num_iterations=2, num_basis=32, batch_size=16,
-                                  num_epochs=args.epochs, learning_rate=1e-3, decay_steps=4000, seed=seed,
+                                  features=args.features, num_iterations=args.num_iterations, num_basis=32, batch_size=16,
+                                  num_epochs=args.epochs, seed=seed,
                                   order=order)
                 trainer = start_run(cfg)
                 loader = trainer.train_data.loader

@@ -17,8 +17,11 @@ from packedqdc.errors import TargetExistsError, TrainingError
 from packedqdc.format import open_packed
 from packedqdc.train import Potential, RunCheckpoints, TrainConfig, evaluate_run, fit, resume_run, start_run
 
+# exponential: a schedule that does not depend on the run's length, so that a finished run extended
+# with more epochs (test_resume_equals_uninterrupted_run) equals one run of that length; the default
+# cosine decays over --num-epochs, and its mid-run resumes are tested in test_safety_train.py
 TINY = dict(features=16, num_iterations=2, num_basis=16, batch_size=16, layout="padded", num_atoms=15,
-            learning_rate=3e-3, valid_fraction=0.2)
+            learning_rate=3e-3, valid_fraction=0.2, lr_schedule="exponential")
 
 
 def _equal_trees(a, b) -> bool:

@@ -126,7 +126,7 @@ def test_cosine_schedule_fits_the_run_and_warm_up() -> None:
     assert schedule_progress(timed, 10, 25, elapsed=50.0, start_progress=0.6) == pytest.approx(0.8)
     assert schedule_progress(timed, 10, 25, elapsed=500.0, start_progress=0.0) == 1.0
     # the other schedules ignore progress; warm-up applies to them too
-    exp = TrainConfig(warmup_steps=4)
+    exp = TrainConfig(lr_schedule="exponential", learning_rate=1e-3, warmup_steps=4)
     assert float(learning_rate(exp, 1, 1.0, 0.9)) == pytest.approx(0.5e-3 * 0.1 ** (1 / 1e7), rel=1e-6)
 
 
