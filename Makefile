@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO   ?= demo
 
-.PHONY: demo test venv clean bench
+.PHONY: demo test test-heavy venv clean bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -19,6 +19,10 @@ venv: $(VENV)/.installed
 
 test: venv
 	$(BIN)/python -m pytest -q
+
+# the few end-to-end tests marked heavy (several training processes at once); CI runs them after `make test`
+test-heavy: venv
+	$(BIN)/python -m pytest -q -m heavy
 
 demo: venv
 	rm -rf $(DEMO)

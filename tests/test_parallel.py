@@ -181,6 +181,7 @@ def test_four_devices_match_one_device(tmp_path: Path, sample: str) -> None:
     np.testing.assert_allclose(result["4"]["params"], result["1"]["params"], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.heavy
 def test_two_processes_train_together(tmp_path: Path, sample: str) -> None:
     port = _free_port()
     outs = [tmp_path / f"p{i}.json" for i in range(2)]
@@ -261,6 +262,7 @@ def test_cli_parallel_flag_errors(args: list[str], match: str, tmp_path: Path, m
     assert re.search(match, " ".join(result.output.split()))
 
 
+@pytest.mark.heavy
 def test_cli_two_devices_follow_the_one_device_run(tmp_path: Path, sample: str) -> None:
     """`packedqdc train --devices 2` reproduces the 1-device run's metrics (a global batch of 15: odd on purpose)."""
     common = [sys.executable, "-m", "packedqdc", "train", "--data-path", sample, "--runs-dir", str(tmp_path),
