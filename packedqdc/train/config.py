@@ -17,9 +17,8 @@ from typing import Any
 from ..errors import ConfigError
 from ..units import EV_TO_KCAL_MOL
 
-#: PhysNet's force weight (Unke & Meuwly 2019, config.txt): Bohr/Å in PhysNet's eV units.
-PHYSNET_FORCES_WEIGHT = 52.91772105638412
-#: packedqdc's default force weight (Å): a fifth of PhysNet's. Forces say nothing about a molecule's
+#: packedqdc's default force weight (Å): about a fifth of PhysNet's 52.9177 (Unke & Meuwly 2019,
+#: config.txt; pass it as --forces-weight for PhysNet's balance). Forces say nothing about a molecule's
 #: constant energy offset, which only the energy term teaches; at PhysNet's weight that term is ~2% of
 #: the loss and offsets are learned far too slowly (docs/training.md, "Measured").
 DEFAULT_FORCES_WEIGHT = 10.0
