@@ -31,11 +31,12 @@ from .index import (
     first_over,
     greedy_plan,
     index_dtype,
-    permutation,
+    read_entries,
     take_in_place,
     totals,
 )
 from .kernels import count_within
+from .shuffle import ORDER_VERSION, sample_positions, shuffled, shuffled_with
 
 BATCH_KEYS = (
     "Z", "R", "F", "atom_mask", "batch_segments",
@@ -44,6 +45,8 @@ BATCH_KEYS = (
 )  # fmt: skip
 
 MAX_CLASSES = 4
+#: order version 2 designs budgets from a trial epoch of this many molecules (a random sample) at most
+BUDGET_TRIAL_MOLECULES = 1 << 22
 _BUDGET_STREAM = 0x0B0D6E7  # rng stream of the budget design, apart from the epoch streams
 
 
@@ -175,12 +178,19 @@ def _counts_arg(pair_counts: np.ndarray | None) -> np.ndarray:
     return np.zeros(0, np.int64) if pair_counts is None else np.asarray(pair_counts)
 
 
-def _epoch_mols(indices: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
-    """``indices[rng.permutation(len(indices))]`` (or a copy of ``indices``), with no int64 temporary."""
-    L = indices.shape[0]
-    if rng is None:
-        return np.array(indices, dtype=index_dtype(max(int(indices.max(initial=0)) + 1, L)))
-    return take_in_place(permutation(L, rng), indices)
+def _per_position(indices: np.ndarray, sizes: np.ndarray, pair_counts: np.ndarray | None,
+                  rng: np.random.Generator | None, version: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(``indices`` in the epoch's random order, their atoms, their pairs or (0,) for all ordered
+    pairs). ``rng`` None keeps the order of ``indices``. ``sizes`` and ``pair_counts`` are
+    by dataset molecule; they are read along with the shuffle (``shuffle.shuffled_with``)."""
+    by_value = (sizes,) if pair_counts is None else (sizes, np.asarray(pair_counts))
+    if rng is None:  # the plan may share ``indices`` (neither is ever written)
+        L = indices.shape[0]
+        mols = np.asarray(indices, dtype=index_dtype(max(int(indices.max(initial=0)) + 1, L)))
+        carried = tuple(np.asarray(a)[mols] for a in by_value)  # in index order: a local gather
+    else:
+        mols, carried = shuffled_with(indices, by_value, rng, version)
+    return mols, carried[0], (carried[1] if pair_counts is not None else _counts_arg(None))
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,6 +205,7 @@ def padded_plan(
     num_atoms: int,
     bucket_size: int,
     rng: np.random.Generator | None,
+    version: int = ORDER_VERSION,
 ) -> EpochPlan:
     """The seed's order: shuffle, sort by size within buckets, cut into batches, shuffle the batches.
 
@@ -202,18 +213,19 @@ def padded_plan(
         indices: (L,) int64 dataset indices of the loader's molecules.
         n_atoms: (N,) atoms per molecule of the whole dataset.
         rng: the epoch's generator, or None for the plain order (no shuffle, no bucketing).
+        version: of the shuffle (``packedqdc.shuffle``).
 
     Only the last batch of the epoch can be partial; it keeps the full shape (padding slots).
     """
     L = indices.shape[0]
     n_b = -(-L // batch_size)
-    mols = _epoch_mols(indices, rng)
+    mols, sizes, _ = _per_position(indices, n_atoms, None, rng, version)
     counts = np.full(n_b, batch_size, dtype=np.int64)
     if n_b:
         counts[-1] = L - (n_b - 1) * batch_size
     if rng is not None and L:
         bucket = np.arange(L) // max(bucket_size, 1)
-        mols = mols[np.lexsort((n_atoms[mols], bucket))]
+        mols = mols[np.lexsort((sizes, bucket))]
         order = rng.permutation(n_b)
         mols = mols[ranges(order * batch_size, counts[order])]
         counts = counts[order]
@@ -235,13 +247,19 @@ def block_bounds(indices: np.ndarray, n_atoms: np.ndarray, block_atoms: int) -> 
 
 
 def block_order(
-    indices: np.ndarray, offsets: np.ndarray, bounds: np.ndarray, window: int, rng: np.random.Generator
+    indices: np.ndarray, offsets: np.ndarray, bounds: np.ndarray, window: int, rng: np.random.Generator,
+    version: int = ORDER_VERSION,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """One epoch of block order: the blocks in a random order, mixed ``window`` blocks at a time.
+    """One epoch of block order: the blocks dealt into windows of about ``window`` blocks, the
+    windows in a random order, the molecules of each window shuffled together.
 
-    The blocks (``bounds`` into ``indices``) are permuted; each run of ``window`` consecutive blocks
-    of that permutation (a window: the shuffle buffer) is read as a whole and its molecules are
-    shuffled together. Every molecule of ``indices`` appears exactly once.
+    Version 2 deals the blocks *stratified by place in the file*: the blocks are taken in runs of
+    ``n_windows`` neighbours (strata), and each run's blocks go to distinct windows at random, so
+    every window holds one block from each stratum, i.e. a sample spread evenly over the whole file
+    (data stored in molecule order: every window holds conformers of molecules from everywhere in
+    the dataset, not of a few). Version 1 took runs of ``window`` blocks of a random permutation.
+    Each window (the shuffle buffer) is read as a whole. Every molecule of ``indices`` appears
+    exactly once.
 
     Returns:
         order: (L,) positions into ``indices`` (int32 below 2^31), in epoch order.
@@ -250,34 +268,58 @@ def block_order(
     """
     n_blocks = bounds.shape[0] - 1
     sizes = np.diff(bounds)
-    perm = rng.permutation(n_blocks)
+    if version == 1:
+        perm = rng.permutation(n_blocks)
+        cuts = np.minimum(np.arange(0, n_blocks + window, window, dtype=np.int64), n_blocks)
+        cuts = cuts[: -(-n_blocks // window) + 1] if n_blocks else np.zeros(1, np.int64)
+    else:
+        perm, cuts = _stratified_windows(n_blocks, window, rng)
     order = np.empty(indices.shape[0], dtype=index_dtype(indices.shape[0]))
     starts, at = [], 0
-    for w in range(0, n_blocks, window):
-        blocks = perm[w : w + window]
+    for w in range(cuts.shape[0] - 1):
+        blocks = perm[cuts[w] : cuts[w + 1]]
         pos = ranges(bounds[blocks], sizes[blocks])
-        rng.shuffle(pos)
+        if version == 1:
+            rng.shuffle(pos)
+        else:
+            pos = shuffled(pos, rng, version)
         starts.append(at)
         order[at : at + pos.shape[0]] = pos
         at += pos.shape[0]
     first = indices[bounds[perm]]
     last = indices[bounds[perm + 1] - 1]
     lo, hi = np.minimum(first, last), np.maximum(first, last) + 1  # sorted indices: the block's span
-    spans = np.stack([offsets[lo], offsets[hi], lo, hi], axis=1).astype(np.int64)
-    span_ptr = np.minimum(np.arange(0, n_blocks + window, window, dtype=np.int64), n_blocks)[: len(starts) + 1]
-    return order, np.asarray(starts, dtype=np.int64), span_ptr, spans
+    spans = np.stack([read_entries(offsets, lo), read_entries(offsets, hi), lo, hi], axis=1).astype(np.int64)
+    return order, np.asarray(starts, dtype=np.int64), cuts.astype(np.int64), spans
+
+
+def _stratified_windows(n_blocks: int, window: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(blocks in epoch order, (n_windows + 1,) bounds of each window in it): ``n_windows =
+    ceil(n_blocks / window)``; stratum ``s`` (blocks ``s * n_windows ...``, the last one partial)
+    sends one block to each of as many windows, drawn at random; windows come in a random order."""
+    if n_blocks == 0:
+        return np.zeros(0, np.int64), np.zeros(1, np.int64)
+    n_windows = -(-n_blocks // window)
+    n_strata = -(-n_blocks // n_windows)
+    dest = np.argsort(rng.random((n_strata, n_windows)), axis=1).ravel()[:n_blocks]  # window of each block
+    visit = rng.permutation(n_windows)  # the epoch's order of the windows
+    rank = np.empty(n_windows, np.int64)
+    rank[visit] = np.arange(n_windows)
+    perm = np.argsort(rank[dest], kind="stable").astype(np.int64)
+    counts = np.bincount(rank[dest], minlength=n_windows)
+    return perm, np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
 
 def block_plan(
     indices: np.ndarray, n_atoms: np.ndarray, offsets: np.ndarray, pair_counts: np.ndarray | None,
     budgets: list[BatchShape] | None, batch_size: int, num_atoms: int, block_atoms: int, window: int,
-    rng: np.random.Generator,
+    rng: np.random.Generator, version: int = ORDER_VERSION,
 ) -> EpochPlan:  # fmt: skip
     """Block order, packed (``budgets``, with the dataset's ``pair_counts`` or None for all pairs)
     or padded (``batch_size`` slots of ``num_atoms``): the epoch's sequence of ``block_order``, cut
     into batches of the same static shapes as the molecule order."""
     bounds = block_bounds(indices, n_atoms, block_atoms)
-    order, window_start, span_ptr, spans = block_order(indices, offsets, bounds, window, rng)
+    order, window_start, span_ptr, spans = block_order(indices, offsets, bounds, window, rng, version)
     mols = take_in_place(order, indices)
     if budgets is not None:
         plan = packed_plan(mols, n_atoms, pair_counts, budgets, None)
@@ -323,13 +365,14 @@ def choose_levels(totals: np.ndarray, max_levels: int = MAX_CLASSES, grid: int =
 
 def design_budgets(
     indices: np.ndarray, n_atoms: np.ndarray, pair_counts: np.ndarray | None, batch_size: int, seed: int,
-    max_classes: int = MAX_CLASSES,
+    max_classes: int = MAX_CLASSES, version: int = ORDER_VERSION,
 ) -> list[BatchShape]:  # fmt: skip
     """Budget classes for the packed layout from the size distribution of the loader's molecules.
 
     The atom budget is ``batch_size * mean(n) + mean(n) / 2`` (greedy filling leaves on average
     half a molecule free, so batches average ``batch_size`` molecules), plus one padding atom. A
-    trial epoch filled to that atom budget gives per-batch pair totals; ``choose_levels`` picks up
+    trial epoch (order version 2: of a random ``BUDGET_TRIAL_MOLECULES`` when there are more)
+    filled to that atom budget gives per-batch pair totals; ``choose_levels`` picks up
     to ``max_classes`` pair budgets from them. ``M`` covers the most molecules seen in a batch,
     with 10% headroom and one padding slot.
 
@@ -345,9 +388,13 @@ def design_budgets(
     n_max, _, atoms_total, pairs_total = totals(indices, n_atoms, counts)
     mean_n = atoms_total / L
     a_cap = max(int(round(batch_size * mean_n + mean_n / 2)), n_max)
-    trial = _epoch_mols(indices, np.random.default_rng([seed, _BUDGET_STREAM]))
-    bounds, _, p_batch = greedy_plan(trial, n_atoms, counts, a_cap, pairs_total + 1, L)
-    del trial
+    rng = np.random.default_rng([seed, _BUDGET_STREAM])
+    sample = indices
+    if version >= 2 and L > BUDGET_TRIAL_MOLECULES:  # a random sample is as good for the distribution
+        sample = take_in_place(sample_positions(L, BUDGET_TRIAL_MOLECULES, rng), indices)
+    _, sizes, pairs = _per_position(sample, n_atoms, pair_counts, rng, version)
+    bounds, _, p_batch = greedy_plan(sizes, pairs, a_cap, pairs_total + 1, sample.shape[0])
+    del sizes, pairs
     m_max = int(np.diff(bounds).max())
     m_budget = int(np.ceil(m_max * 1.1)) + 1
     return [BatchShape(a_cap + 1, m_budget, p) for p in choose_levels(p_batch, max_classes)]
@@ -378,6 +425,7 @@ def packed_plan(
     pair_counts: np.ndarray | None,
     budgets: list[BatchShape],
     rng: np.random.Generator | None,
+    version: int = ORDER_VERSION,
 ) -> EpochPlan:
     """Shuffle, fill batches greedily to the largest budget, and give each the smallest class that holds it.
 
@@ -387,13 +435,15 @@ def packed_plan(
         pair_counts: (N,) pairs of every dataset molecule (within the cutoff), or None: all ordered pairs.
         budgets: the classes; ``check_budgets`` must have passed.
         rng: the epoch's generator, or None to keep the order of ``indices``.
+        version: of the shuffle (``packedqdc.shuffle``).
     """
     shapes = tuple(sorted((BatchShape(*b) for b in budgets), key=lambda s: (s.P, s.A, s.M)))
-    mols = _epoch_mols(indices, rng)
+    mols, sizes, pairs = _per_position(indices, n_atoms, pair_counts, rng, version)
     a_cap = max(s.A for s in shapes) - 1
     m_cap = max(s.M for s in shapes) - 1
     p_cap = max(s.P for s in shapes)
-    bounds, a_b, p_b = greedy_plan(mols, n_atoms, _counts_arg(pair_counts), a_cap, p_cap, m_cap)
+    bounds, a_b, p_b = greedy_plan(sizes, pairs, a_cap, p_cap, m_cap)
+    del sizes, pairs
     m_b = np.diff(bounds)
     fits = np.stack([(a_b + 1 <= s.A) & (m_b + 1 <= s.M) & (p_b <= s.P) for s in shapes])
     shape_ids = np.argmax(fits, axis=0).astype(np.int32)  # first (smallest) class that fits

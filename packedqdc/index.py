@@ -12,6 +12,11 @@ temporary of the epoch's length is made.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
 import numba
 import numpy as np
 
@@ -19,6 +24,7 @@ from .errors import FormatError
 
 #: molecules read per chunk when the index files are scanned
 CHUNK = 1 << 22
+T = TypeVar("T")
 
 
 def index_dtype(n: int) -> np.dtype:
@@ -66,15 +72,31 @@ def atom_counts(ds, chunk: int = CHUNK) -> np.ndarray:  # noqa: ANN001 - PackedD
 
 
 def _scan(ds, out: np.ndarray, chunk: int) -> tuple[int, bool]:  # noqa: ANN001
-    """Fill ``out`` from the index files; (first bad molecule or -1, a count did not fit ``out``)."""
+    """Fill ``out`` from the index files; (first bad molecule or -1, a count did not fit ``out``).
+
+    Contiguous ranges of molecules are read by ``index_threads()`` threads (reads and the compiled
+    check release the GIL), each with its own buffers and file handles."""
     n = out.shape[0]
     if n == 0:
         return -1, False
-    offsets_buf = np.empty(min(chunk, n) + 1, np.int64)
-    sizes_buf = np.empty(min(chunk, n), ds.n_atoms.dtype)
+    n_chunks = -(-n // chunk)
+    threads = min(index_threads(), n_chunks)
+    step = -(-n_chunks // threads) * chunk  # whole chunks per thread
+    ranges = [(lo, min(lo + step, n)) for lo in range(0, n, step)]
+    results = run_threads([lambda lo=lo, hi=hi: _scan_range(ds, out, lo, hi, chunk) for lo, hi in ranges])
+    if any(too_large for _, too_large in results):  # the caller retries wider, where bad ones show
+        return -1, True
+    bad = [first for first, _ in results if first >= 0]
+    return (min(bad) if bad else -1), False
+
+
+def _scan_range(ds, out: np.ndarray, start: int, stop: int, chunk: int) -> tuple[int, bool]:  # noqa: ANN001
+    """``_scan`` of molecules ``start .. stop``: stops at the first bad or too large one."""
+    offsets_buf = np.empty(min(chunk, stop - start) + 1, np.int64)
+    sizes_buf = np.empty(min(chunk, stop - start), ds.n_atoms.dtype)
     with _reader(ds.offsets) as read_offsets, _reader(ds.n_atoms) as read_sizes:
-        for lo in range(0, n, chunk):
-            m = min(chunk, n - lo)
+        for lo in range(start, stop, chunk):
+            m = min(chunk, stop - lo)
             offs = read_offsets(lo, m + 1, offsets_buf)
             given = read_sizes(lo, m, sizes_buf)
             status = _fill_counts(offs, given, out[lo : lo + m])
@@ -83,6 +105,31 @@ def _scan(ds, out: np.ndarray, chunk: int) -> tuple[int, bool]:  # noqa: ANN001
             if status >= 0:
                 return lo + status, False
     return -1, False
+
+
+def index_threads() -> int:
+    """Threads of the index passes (reading the index, splits, shuffles): the CPUs, at most 4."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def run_threads(tasks: list[Callable[[], T]]) -> list[T]:
+    """The results of ``tasks``, in order, run on up to ``index_threads()`` threads (one: inline)."""
+    if len(tasks) <= 1 or index_threads() == 1:
+        return [task() for task in tasks]
+    with ThreadPoolExecutor(max_workers=min(index_threads(), len(tasks))) as pool:
+        return list(pool.map(lambda task: task(), tasks))
+
+
+def read_entries(array: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """``array[positions]`` of a memory-mapped .npy or raw array, each entry read with ``pread``:
+    no page of the map is touched (a kernel that caches the file in large folios would map up to
+    2 MiB per entry). Plain arrays are indexed."""
+    positions = np.asarray(positions, dtype=np.int64)
+    out = np.empty(positions.shape, array.dtype)
+    with _reader(array) as read:
+        for k, i in enumerate(positions.tolist()):
+            read(i, 1, out[k : k + 1])
+    return out
 
 
 class _reader:
@@ -155,28 +202,28 @@ def take_in_place(positions: np.ndarray, values: np.ndarray) -> np.ndarray:
 
 @numba.njit(cache=True, nogil=True)
 def greedy_plan(
-    mols: np.ndarray, sizes: np.ndarray, pair_counts: np.ndarray, a_cap: int, p_cap: int, m_cap: int
+    sizes: np.ndarray, pair_counts: np.ndarray, a_cap: int, p_cap: int, m_cap: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
-    """The greedy cut of the molecules ``mols`` into batches, each as long as fits all three caps.
+    """The greedy cut of an epoch's molecules into batches, each as long as fits all three caps.
 
     Args:
-        mols: (L,) dataset indices in epoch order; sizes: (N,) atoms of every dataset molecule;
-        pair_counts: (N,) pairs of every dataset molecule (within a cutoff), or (0,) for all
-            ordered pairs ``n (n - 1)``.
+        sizes: (L,) atoms of each molecule, in epoch order; pair_counts: (L,) pairs of each molecule
+            (within a cutoff), in epoch order, or (0,) for all ordered pairs ``n (n - 1)``. Both
+            are per position, so the pass reads them in order (a gather by dataset index at 100M
+            molecules costs more than the whole cut).
 
     Returns:
-        bounds: (n_batches + 1,) int64 into ``mols``; atoms, pairs: (n_batches,) int64 totals.
+        bounds: (n_batches + 1,) int64 positions; atoms, pairs: (n_batches,) int64 totals.
     """
-    L = mols.shape[0]
+    L = sizes.shape[0]
     bounds = np.empty(L + 1, np.int64)
     atoms = np.empty(L, np.int64)
     pairs = np.empty(L, np.int64)
     bounds[0] = 0
     n_b, a, p, m = 0, 0, 0, 0
     for j in range(L):
-        i = mols[j]
-        n = np.int64(sizes[i])
-        q = np.int64(pair_counts[i]) if pair_counts.shape[0] else n * (n - 1)
+        n = np.int64(sizes[j])
+        q = np.int64(pair_counts[j]) if pair_counts.shape[0] else n * (n - 1)
         if m > 0 and (a + n > a_cap or p + q > p_cap or m + 1 > m_cap):
             atoms[n_b], pairs[n_b] = a, p
             n_b += 1
@@ -194,8 +241,8 @@ def greedy_plan(
 
 @numba.njit(cache=True, nogil=True)
 def totals(mols: np.ndarray, sizes: np.ndarray, pair_counts: np.ndarray) -> tuple[int, int, int, int]:
-    """(largest atoms, largest pairs, sum of atoms, sum of pairs) of the molecules ``mols``
-    (``pair_counts`` as in ``greedy_plan``)."""
+    """(largest atoms, largest pairs, sum of atoms, sum of pairs) of the molecules ``mols``, with
+    ``sizes`` (N,) and ``pair_counts`` (N,) by dataset index (or (0,): all ordered pairs)."""
     top, top_pairs, atoms, pairs = 0, 0, 0, 0
     for j in range(mols.shape[0]):
         i = mols[j]

@@ -33,14 +33,20 @@ from .batching import (
 )
 from .errors import ConfigError, FormatError
 from .format import open_packed
-from .index import atom_counts, increasing, index_dtype, permutation, positions_where, take_in_place, totals
+from .index import atom_counts, increasing, index_dtype, take_in_place, totals
 from .prefetch import prefetched
-from .readahead import advise_random, will_need
+from .readahead import advise_random, release, will_need
+from .shuffle import ORDER_VERSION, check_version, split_positions
 
 LAYOUTS = ("padded", "packed")
 ORDERS = ("auto", "molecule", "block")
-#: order="auto" takes block order when the data files exceed this fraction of available memory
+#: order="auto" takes block order when the data files exceed this fraction of available memory, and
+#: then (whatever the order) the loader hands back its mapped pages (``readahead.release``) as it
+#: goes: every RELEASE_BATCHES batches in molecule order, at every new window in block order
 AUTO_MEMORY_FRACTION = 0.5
+RELEASE_BATCHES = 8
+#: block order's shuffle window, in blocks, by order version (64 blocks of 4 MiB: a 256 MiB buffer)
+DEFAULT_WINDOW_BLOCKS = {1: 16, 2: 64}
 VALID_DRAWS = 1  # with reuse_buffers, a batch stays valid until this many more have been drawn
 
 Batch = dict[str, Any]
@@ -70,7 +76,10 @@ class PackedMemmapLoader:
             them at a time (reads whole blocks sequentially: for data larger than memory).
             ``"auto"`` (default): block order when the data files exceed half the available
             memory, else molecule order; ``order`` then holds the choice, ``order_note`` why.
-        block_mib, window_blocks: block order's block size (MiB of atom data) and shuffle window.
+        block_mib, window_blocks: block order's block size (MiB of atom data) and shuffle window
+            (blocks; default ``DEFAULT_WINDOW_BLOCKS`` of the order version: 64, i.e. 256 MiB).
+        order_version: the algorithms of the orders (``packedqdc.shuffle``): 2 (default), or 1 to
+            reproduce the split and orders of loaders made before version 2 existed.
 
     Attributes:
         dataset: the open ``PackedDataset`` (memmaps).
@@ -102,7 +111,8 @@ class PackedMemmapLoader:
         process_count: int = 1,
         order: str = "auto",
         block_mib: float = 4.0,
-        window_blocks: int = 16,
+        window_blocks: int | None = None,
+        order_version: int = ORDER_VERSION,
     ) -> None:
         if int(batch_size) < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
@@ -116,6 +126,9 @@ class PackedMemmapLoader:
             raise ConfigError(f"threads must be >= 1, got {threads}")
         if order not in ORDERS:
             raise ConfigError(f"order must be one of {ORDERS}, got {order!r}")
+        order_version = check_version(order_version)
+        if window_blocks is None:
+            window_blocks = DEFAULT_WINDOW_BLOCKS[order_version]
         if not float(block_mib) > 0 or int(window_blocks) < 1:
             raise ConfigError(f"block_mib must be > 0 and window_blocks >= 1, got {block_mib}, {window_blocks}")
         self.path = Path(path)
@@ -136,9 +149,13 @@ class PackedMemmapLoader:
         self.has_dipoles = self.dataset.D is not None
         self._at = EpochPosition()  # the position of the latest iterator (it advances it)
         self._indices: np.ndarray | None = None  # None: every molecule (made on first use)
-        self.order, self.order_note = _resolve_order(self.dataset, order)
+        data, available = _data_bytes(self.dataset), available_memory()
+        self.order, self.order_note = _resolve_order(order, data, available)
+        # data larger than memory: hand back mapped pages every RELEASE_BATCHES (readahead.release)
+        self._release_every = RELEASE_BATCHES if data > AUTO_MEMORY_FRACTION * available else 0
         self.block_mib = float(block_mib)
         self.window_blocks = int(window_blocks)
+        self.order_version = order_version
         self._pair_counts: dict[float, np.ndarray] = {}  # dataset-wide, per cutoff, compact; shared by derived loaders
         self._budget_cache: dict[float | None, list[BatchShape]] = {}
         self._plan_cache: tuple[Any, EpochPlan] | None = None
@@ -300,12 +317,12 @@ class PackedMemmapLoader:
                 self._budget_cache[cutoff] = list(self.budgets)
             else:
                 self._budget_cache[cutoff] = design_budgets(self.indices, self.n_atoms, pairs, self.batch_size,
-                                                            self.seed)  # fmt: skip
+                                                            self.seed, version=self.order_version)  # fmt: skip
         return self._budget_cache[cutoff]
 
     def _plan(self, spec: LayoutSpec, epoch: int) -> EpochPlan:
         key = (spec, epoch, self.seed, self.shuffle, self.batch_size, self.bucket_size, self.order, self.block_mib,
-               self.window_blocks)
+               self.window_blocks, self.order_version)
         if self._plan_cache is not None and self._plan_cache[0] == key:
             return self._plan_cache[1]
         self._plan_cache = self._split_cache = None  # let the last epoch's arrays go before making these
@@ -315,15 +332,16 @@ class PackedMemmapLoader:
             per_atom = sum(a.itemsize * (3 if a.ndim == 2 else 1) for a in (self.dataset.Z, self.dataset.R,
                                                                             self.dataset.F) if a is not None)
             plan = block_plan(
-                self.indices, self.n_atoms, self._offsets, self._pairs(spec.cutoff) if packed else None,
+                self.indices, self.n_atoms, self.dataset.offsets, self._pairs(spec.cutoff) if packed else None,
                 self._budgets(spec.cutoff) if packed else None, self.batch_size, spec.num_atoms,
-                int(self.block_mib * 2**20 / per_atom), self.window_blocks, rng,
+                int(self.block_mib * 2**20 / per_atom), self.window_blocks, rng, self.order_version,
             )  # fmt: skip
         elif spec.layout == "padded":
-            plan = padded_plan(self.indices, self.n_atoms, self.batch_size, spec.num_atoms, self.bucket_size, rng)
+            plan = padded_plan(self.indices, self.n_atoms, self.batch_size, spec.num_atoms, self.bucket_size, rng,
+                               self.order_version)
         else:
             budgets = self._budgets(spec.cutoff)
-            plan = packed_plan(self.indices, self.n_atoms, self._pairs(spec.cutoff), budgets, rng)
+            plan = packed_plan(self.indices, self.n_atoms, self._pairs(spec.cutoff), budgets, rng, self.order_version)
         self._plan_cache = (key, plan)
         return plan
 
@@ -504,6 +522,9 @@ class PackedMemmapLoader:
         def produce(worker: int) -> Iterator[Batch]:
             assembler = self._take_assembler(key, pair_counts)
             advised = -1  # windows up to this one were read ahead
+            since_release = 0  # batches assembled since the mapped pages were last handed back
+            if self._release_every:
+                release(self.dataset)  # what planning mapped (block order reads offsets at block bounds)
             try:
                 mine = range(start + worker, steps.shape[0], n_workers)
                 for at in range(0, len(mine), assembler.chunk):
@@ -511,9 +532,16 @@ class PackedMemmapLoader:
                     if reads is not None:  # this window and the next are being read
                         ahead = min(reads.window_of(ids[-1]) + 1, reads.first_batch.shape[0] - 1)
                         if ahead > advised:
+                            if self._release_every and advised >= 0:
+                                release(self.dataset)  # the windows before this one are done
                             lo = max(advised + 1, reads.window_of(ids[0]))
                             will_need(self.dataset, reads.spans[reads.span_ptr[lo] : reads.span_ptr[ahead + 1]])
                             advised = ahead
+                    elif self._release_every:
+                        since_release += len(ids)
+                        if since_release >= self._release_every:
+                            release(self.dataset)  # resident memory stays flat on data larger than memory
+                            since_release = 0
                     rows = slice(ids.start, ids.stop, ids.step)
                     for item in assembler.assemble(plan.mols, first[rows], last[rows], shape_ids[rows]):
                         yield item if convert is None else convert(item)
@@ -595,12 +623,16 @@ class EpochIterator(Iterator[Batch]):
         return self.at.position
 
 
-def _resolve_order(ds: Any, order: str) -> tuple[str, str]:
-    """(``"molecule"`` or ``"block"``, a sentence saying why) for the loader option ``order``."""
+def _data_bytes(ds: Any) -> int:
+    """Bytes of the data files (Z, R, F, E, Qtot) of an open directory."""
+    return sum(int(a.nbytes) for a in (ds.Z, ds.R, ds.F, ds.E, ds.Qtot) if a is not None)
+
+
+def _resolve_order(order: str, data: int, available: int) -> tuple[str, str]:
+    """(``"molecule"`` or ``"block"``, a sentence saying why) for the loader option ``order``, with
+    ``data`` bytes of data files and ``available`` bytes of memory."""
     if order != "auto":
         return order, f"order={order} (as asked)"
-    data = sum(int(a.nbytes) for a in (ds.Z, ds.R, ds.F, ds.E, ds.Qtot) if a is not None)
-    available = available_memory()
     chosen = "block" if data > AUTO_MEMORY_FRACTION * available else "molecule"
     return chosen, (
         f"order=auto chose {chosen} order: {data / 2**30:.2f} GiB of data files, "
@@ -661,8 +693,10 @@ def split_loader(
 ) -> tuple[PackedMemmapLoader, PackedMemmapLoader]:
     """Disjoint, reproducible train/validation split of ``loader``'s molecules.
 
-    The molecules are permuted with ``seed`` (default: the loader's seed); the first
-    ``round(train_fraction * N)`` go to training, the rest to validation. Both loaders share the
+    A seeded random ``round(train_fraction * N)`` of the molecules go to training, the rest to
+    validation (``seed``: default the loader's; the loader's ``order_version`` 1 takes the first
+    of a permutation, as the seed's reference does, 2 selection sampling: ``shuffle.split_positions``,
+    0.3 s at 100M molecules instead of 6.4 s). Both loaders share the
     open dataset; the training loader keeps ``loader.shuffle``, the validation loader does not
     shuffle. Indices are sorted within each split (reads stay local when not shuffled).
     """
@@ -670,22 +704,15 @@ def split_loader(
         raise ConfigError(f"train_fraction must be between 0 and 1 (exclusive), got {train_fraction}")
     rng = np.random.default_rng(loader.seed if seed is None else int(seed))
     N = loader.N
-    perm = permutation(N, rng)  # the values of rng.permutation(N), int32
     n_train = int(round(float(train_fraction) * N))
-    ordered = loader._indices is None or increasing(loader._indices)
-    if not ordered:  # any order: sort the values
-        train_idx, valid_idx = np.sort(loader.indices[perm[:n_train]]), np.sort(loader.indices[perm[n_train:]])
-    else:  # sorted indices: the sorted positions of each part, by a mask (no sort, no int64 copy)
-        in_valid = np.zeros(N, dtype=bool)
-        in_valid[perm[n_train:]] = True
-        del perm
-        dtype = index_dtype(loader.dataset.n_molecules)
-        train_idx = positions_where(in_valid, False, np.empty(n_train, dtype))
-        valid_idx = positions_where(in_valid, True, np.empty(N - n_train, dtype))
-        del in_valid
-        if loader._indices is not None:
-            take_in_place(train_idx, loader._indices)
-            take_in_place(valid_idx, loader._indices)
+    train_idx, valid_idx = split_positions(N, n_train, rng, loader.order_version)  # sorted positions
+    if loader._indices is not None:
+        values = loader._indices
+        if increasing(values) and values.dtype == train_idx.dtype:  # sorted values in place: no copy
+            take_in_place(train_idx, values)
+            take_in_place(valid_idx, values)
+        else:
+            train_idx, valid_idx = np.sort(values[train_idx]), np.sort(values[valid_idx])
     train = loader._derive(train_idx)
     valid = loader._derive(valid_idx, shuffle=False)
     return train, valid

@@ -9,6 +9,12 @@ as large sequential requests, while the current window is assembled.
 Only the per-atom files (Z, R, F) and per-molecule files (E, Qtot) are advised; the index
 (``offsets``, ``n_atoms``) is read whole. Advice is a hint: on a system without ``madvise`` (or a
 map that cannot take it) nothing happens.
+
+``release`` hands the pages a loader has mapped back (``MADV_DONTNEED`` on every map: they leave
+the process's resident memory and stay in the page cache). Without it a pass over data larger than
+memory keeps every page it touched mapped, and a kernel that caches files in large folios maps a
+whole folio (up to 2 MiB) per touched molecule: 4.3 GiB resident after 200 random batches of a
+100M-molecule directory here.
 """
 
 from __future__ import annotations
@@ -54,6 +60,15 @@ def advise_random(ds: PackedDataset, random: bool) -> None:
     atoms, mols = _maps(ds)
     for array, _ in atoms + mols:
         _advise(array, RANDOM if random else NORMAL)
+
+
+def release(ds: PackedDataset) -> None:
+    """``MADV_DONTNEED`` on every memory map of ``ds`` (data and index): its mapped pages leave this
+    process's resident memory; the file contents stay in the page cache, and a later read maps them
+    again. Safe while other threads read the maps (read-only shared file maps)."""
+    for array in (ds.Z, ds.R, ds.F, ds.E, ds.Qtot, ds.D, ds.offsets, ds.n_atoms):
+        if array is not None:
+            _advise(array, DONTNEED)
 
 
 def will_need(ds: PackedDataset, spans: np.ndarray) -> None:

@@ -1,13 +1,14 @@
 """Held-out error of block order vs molecule order, on data stored with conformers side by side.
 
     python scripts/order_compare.py TRAIN.npz HELD_OUT.npz [--epochs 12] [--seeds 0 1] [--block-mib 0.008]
+        [--window-blocks 64]
 
 ``TRAIN.npz`` is a PhysNet-style NPZ with a ``smiles`` array (``scripts/make_sample.py``); its
 conformers are first stored in molecule order (a stable sort by SMILES: all conformers of one
 molecule side by side), the worst case for block order: a block holds conformers of one molecule
 only. Both files are packed (``pack_npz``); then for every seed a run is trained with ``order="molecule"`` and one with
 ``order="block"`` (blocks of ``--block-mib`` MiB, so that the small set has many blocks; windows of
-16 blocks), same configuration otherwise, and the best checkpoint is evaluated on the held-out
+``--window-blocks``, by default the loader's), same configuration otherwise, and the best checkpoint is evaluated on the held-out
 set (``evaluate_run``). Prints energy and force MAE per run, and the spread between seeds.
 """
 
@@ -31,6 +32,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--block-mib", type=float, default=0.008)
+    ap.add_argument("--window-blocks", type=int, default=None, help="default: the loader's (64)")
+    ap.add_argument("--orders", nargs="+", default=["molecule", "block"], choices=["molecule", "block"])
     ap.add_argument("--features", type=int, default=32)
     ap.add_argument("--num-iterations", type=int, default=2)
     ap.add_argument("--energy-unit", default=None, help="of the NPZ energies (pack npz's --energy-unit)")
@@ -45,9 +48,9 @@ def main() -> None:
         units = {"energy_unit": args.energy_unit, "length_unit": args.length_unit}
         train = pack_npz(grouped, Path(tmp) / "train", **units).path
         held = pack_npz(args.held_out, Path(tmp) / "held", **units).path
-        results: dict[str, list[tuple[float, float]]] = {"molecule": [], "block": []}
+        results: dict[str, list[tuple[float, float]]] = {order: [] for order in args.orders}
         for seed in args.seeds:
-            for order in ("molecule", "block"):
+            for order in args.orders:
                 cfg = TrainConfig(data_path=str(train), runs_dir=str(Path(tmp) / "runs"), name=f"{order}-{seed}",
                                   features=args.features, num_iterations=args.num_iterations, num_basis=32, batch_size=16,
                                   num_epochs=args.epochs, seed=seed,
@@ -55,6 +58,8 @@ def main() -> None:
                 trainer = start_run(cfg)
                 loader = trainer.train_data.loader
                 loader.block_mib = args.block_mib
+                if args.window_blocks is not None:
+                    loader.window_blocks = args.window_blocks
                 fit(trainer)
                 trainer.checkpoints.close()
                 res = evaluate_run(trainer.run_dir, held)

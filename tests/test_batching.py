@@ -36,12 +36,12 @@ def test_greedy_fill_respects_caps():
     rng = np.random.default_rng(0)
     atoms = rng.integers(1, 20, 500)
     pairs = atoms * (atoms - 1)
-    bounds, a_b, p_b = greedy_plan(np.arange(500), atoms, pairs, 100, 1500, 9)
+    bounds, a_b, p_b = greedy_plan(atoms, pairs, 100, 1500, 9)
     assert bounds[0] == 0 and bounds[-1] == 500
     np.testing.assert_array_equal(a_b, [atoms[lo:hi].sum() for lo, hi in zip(bounds[:-1], bounds[1:])])
     np.testing.assert_array_equal(p_b, [pairs[lo:hi].sum() for lo, hi in zip(bounds[:-1], bounds[1:])])
-    np.testing.assert_array_equal(greedy_plan(np.arange(500), atoms.astype(np.uint8), np.zeros(0, np.int64), 100,
-                                              1500, 9)[0], bounds)  # all pairs computed from the sizes
+    np.testing.assert_array_equal(greedy_plan(atoms.astype(np.uint8), np.zeros(0, np.int64), 100, 1500, 9)[0],
+                                  bounds)  # all pairs computed from the sizes
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         assert hi > lo and atoms[lo:hi].sum() <= 100 and pairs[lo:hi].sum() <= 1500 and hi - lo <= 9
         if hi < 500:  # closed because the next molecule did not fit

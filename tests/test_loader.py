@@ -454,6 +454,33 @@ def test_block_order_reads_a_window_of_blocks_at_a_time(data):
     assert seen[: first_window // 2] != sorted(seen[: first_window // 2])
 
 
+@pytest.mark.parametrize("version", [1, 2])
+def test_block_order_windows_by_version(data, version):
+    """Version 2 deals every window one block from each stratum of neighbouring blocks (a window
+    spans the whole file); version 1's windows are runs of a random permutation of the blocks."""
+    from packedqdc.batching import block_bounds, block_order
+
+    loader = PackedMemmapLoader(data, 8, seed=5, order_version=version, **BLOCK)
+    bounds = block_bounds(loader.indices, loader.n_atoms, int(0.002 * 2**20 / 28))
+    n_blocks = len(bounds) - 1
+    n_windows = -(-n_blocks // 4)
+    order, starts, cuts, spans = block_order(loader.indices, loader.dataset.offsets, bounds, 4,
+                                             np.random.default_rng([5, 0]), version)
+    assert sorted(order.tolist()) == list(range(loader.N)) and len(starts) == n_windows
+    strata_seen = []
+    for w in range(n_windows):
+        mols = order[starts[w] : starts[w + 1] if w + 1 < n_windows else len(order)]
+        blocks = np.unique(np.searchsorted(bounds, mols, side="right") - 1)
+        assert 1 <= len(blocks) <= 4
+        np.testing.assert_array_equal(np.sort(spans[cuts[w] : cuts[w + 1], 2]), bounds[blocks])
+        strata_seen.append(sorted((blocks // n_windows).tolist()))
+    if version == 2:
+        assert all(strata == sorted(set(strata)) for strata in strata_seen)  # one block per stratum
+        assert {len(x) for x in strata_seen} <= {-(-n_blocks // n_windows), -(-n_blocks // n_windows) - 1}
+    else:
+        assert any(strata != sorted(set(strata)) for strata in strata_seen)
+
+
 def test_block_order_is_deterministic_resumable_and_shards_evenly(data):
     a = PackedMemmapLoader(data, 8, seed=9, **BLOCK)
     b = PackedMemmapLoader(data, 8, seed=9, **BLOCK)
@@ -519,8 +546,9 @@ def test_auto_order_picks_by_data_size_against_available_memory(data, monkeypatc
 def test_the_index_is_compact_and_gives_the_int64_results(data):
     """At scale the loader keeps atom counts as uint8, molecule indices and plans as int32, the
     offsets memory-mapped and the pair counts within a cutoff compact, and every result is the one
-    the plain int64 formulas give: the split, the epoch's molecules and its greedy batches."""
-    loader = PackedMemmapLoader(data, 8, seed=4)
+    the plain int64 formulas give: the split, the epoch's molecules and its greedy batches (order
+    version 1: numpy's permutations, which a run saved by packedqdc 0.6 resumes with)."""
+    loader = PackedMemmapLoader(data, 8, seed=4, order_version=1)
     N = loader.N
     assert loader.n_atoms.dtype == np.uint8 and not loader._offsets.flags.owndata
     np.testing.assert_array_equal(loader.n_atoms, np.diff(np.asarray(open_packed(data).offsets)))
@@ -530,7 +558,7 @@ def test_the_index_is_compact_and_gives_the_int64_results(data):
     n_train = int(round(0.8 * N))
     np.testing.assert_array_equal(train.indices, np.sort(perm[:n_train]))
     np.testing.assert_array_equal(valid.indices, np.sort(perm[n_train:]))
-    scrambled = PackedMemmapLoader(data, 8, seed=4)
+    scrambled = PackedMemmapLoader(data, 8, seed=4, order_version=1)
     scrambled.indices = np.random.default_rng(0).permutation(N)[: N // 2]  # not sorted: the sorting path
     part, _ = split_loader(scrambled, 0.5, seed=1)
     want = np.sort(scrambled.indices[np.random.default_rng(1).permutation(N // 2)[: int(round(0.5 * (N // 2)))]])
@@ -552,3 +580,25 @@ def test_the_index_is_compact_and_gives_the_int64_results(data):
 
     train.shapes(layout="packed", cutoff=2.0)
     assert train._pair_counts[2.0].dtype == np.uint8  # at most 14 * 13 pairs
+
+
+def test_order_version_2_split_and_epochs_are_the_shuffle_modules(data):
+    """Version 2 (the default) splits by ``split_positions`` and orders each epoch by ``shuffled``,
+    both drawn from the same generators as version 1, on any indices (sorted or not)."""
+    from packedqdc.shuffle import shuffled, split_positions
+
+    loader = PackedMemmapLoader(data, 8, seed=4)
+    assert loader.order_version == 2 and loader.window_blocks == 64
+    N = loader.N
+    train, valid = split_loader(loader, 0.8)
+    want_train, want_valid = split_positions(N, int(round(0.8 * N)), np.random.default_rng(4))
+    np.testing.assert_array_equal(train.indices, want_train)
+    np.testing.assert_array_equal(valid.indices, want_valid)
+    plan = train._plan(train._spec("packed", None, None), 3)
+    np.testing.assert_array_equal(plan.mols, shuffled(train.indices, np.random.default_rng([4, 3])))
+    scrambled = PackedMemmapLoader(data, 8, seed=4)
+    scrambled.indices = np.random.default_rng(0).permutation(N)[: N // 2]
+    part, rest = split_loader(scrambled, 0.5, seed=1)
+    first, _ = split_positions(N // 2, int(round(0.5 * (N // 2))), np.random.default_rng(1))
+    np.testing.assert_array_equal(part.indices, np.sort(scrambled.indices[first]))
+    assert sorted(part.indices.tolist() + rest.indices.tolist()) == sorted(scrambled.indices.tolist())

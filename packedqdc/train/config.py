@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..shuffle import ORDER_VERSION, ORDER_VERSIONS
 from ..units import EV_TO_KCAL_MOL
 
 #: packedqdc's default force weight (Å): about a fifth of PhysNet's 52.9177 (Unke & Meuwly 2019,
@@ -37,7 +38,7 @@ LR_SCHEDULES = ("exponential", "plateau", "cosine")
 LOSS_UNITS = ("ev", "kcal/mol")
 #: Values of options added after a run's config.json was written that reproduce what such a run did.
 LEGACY_VALUES: dict[str, Any] = {"loss_unit": "kcal/mol", "warmup_steps": 0, "charge_embedding": False,
-                                 "pair_list": "all"}
+                                 "pair_list": "all", "order_version": 1}
 #: PhysNet's non-hierarchicality weight (config.txt), in eV.
 PHYSNET_NH_WEIGHT = 0.01
 #: Default charge and nh weights, kcal/mol per e and kcal/mol: PhysNet's numbers read in kcal/mol,
@@ -166,6 +167,9 @@ class TrainConfig:
                         "(shuffled contiguous blocks mixed in a shuffle buffer: sequential reads, for data larger "
                         "than memory) or auto (block when the data files exceed half the available memory; the "
                         "choice is saved).", choices=ORDERS)
+    order_version: int = option(ORDER_VERSION, "Data", "Algorithms of the split and the epoch orders "
+                                "(packedqdc.shuffle): 2, fast at 100M molecules; 1, those of runs saved before "
+                                "version 2 (a resumed run keeps its own).")
     loader_threads: int = option(2, "Data", "Threads that assemble each batch (packedqdc's own; used only while "
                                  "faster than one; the batches do not depend on it).")
 
@@ -194,6 +198,8 @@ class TrainConfig:
             (self.max_time is None or self.max_time > 0, f"max_time must be > 0, got {self.max_time}"),
             (self.loader_threads >= 1, f"loader_threads must be >= 1, got {self.loader_threads}"),
             (self.order in ORDERS, f"order must be one of {', '.join(ORDERS)}, got {self.order!r}"),
+            (self.order_version in ORDER_VERSIONS,
+             f"order_version must be one of {', '.join(map(str, ORDER_VERSIONS))}, got {self.order_version}"),
         ]
         for ok, message in checks:
             if not ok:

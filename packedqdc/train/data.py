@@ -17,6 +17,7 @@ import numpy as np
 from ..data import SAMPLE_NPZ
 from ..errors import ConfigError
 from ..loader import PackedMemmapLoader, split_loader
+from ..shuffle import ORDER_VERSION
 from .reference import ReferenceEnergies
 from .step import prepare_global
 
@@ -36,14 +37,17 @@ def default_data_path(runs_dir: str | Path) -> Path:
 
 
 def split(data_path: str | Path, batch_size: int, bucket_size: int, seed: int, valid_fraction: float,
-          threads: int = 1, order: str = "auto") -> tuple[PackedMemmapLoader, PackedMemmapLoader]:
+          threads: int = 1, order: str = "auto", order_version: int = ORDER_VERSION
+          ) -> tuple[PackedMemmapLoader, PackedMemmapLoader]:
     """(train, valid) loaders of a seeded random split; valid keeps index order.
 
     ``threads`` assemble each batch (``PackedMemmapLoader(threads=...)``); ``order`` is the
-    training loader's epoch order (``loader.order`` holds what ``"auto"`` chose).
+    training loader's epoch order (``loader.order`` holds what ``"auto"`` chose); ``order_version``
+    the algorithms of the split and the orders (``packedqdc.shuffle``).
     """
     loader = PackedMemmapLoader(data_path, batch_size=batch_size, shuffle=True, bucket_size=bucket_size,
-                                seed=seed, prefetch=PREFETCH, threads=threads, order=order)
+                                seed=seed, prefetch=PREFETCH, threads=threads, order=order,
+                                order_version=order_version)
     if loader.N < 2:
         raise ConfigError(f"{data_path}: {loader.N} molecule(s); training needs at least 2")
     train, valid = split_loader(loader, train_fraction=1.0 - valid_fraction, seed=seed)
