@@ -42,8 +42,8 @@ class Assembler:
             rows, shared by the classes when they differ in pair budget only, as automatic budgets
             do, else one per class; ``buffers.RowPool``), so that an item handed out stays intact
             while ``hold`` more are handed out and the next ``chunk`` are filled; the views are
-            read-only. False hands every item out in writable arrays of its own (one item per
-            call), recycled once nothing references them any more (``buffers.RecycledRings``).
+            read-only. False hands every item out in writable arrays of its own: a call's items
+            share one ring, recycled once nothing references any of them (``buffers.RecycledRings``).
         hold: see ``reuse``.
         pair_counts: packed layout with a cutoff: (N,) pairs within it of every dataset molecule
             (``cutoff_pair_counts``, any unsigned dtype); None otherwise.
@@ -65,7 +65,7 @@ class Assembler:
         self.group = group
         self.reuse = reuse
         self.threads = kernel_threads(threads)
-        self.chunk = ITEMS_PER_CALL * self.threads if reuse else 1
+        self.chunk = ITEMS_PER_CALL * self.threads
         self._padded = spec.layout == "padded"
         counts = np.zeros(0, np.int64) if self._padded or spec.cutoff is None else pair_counts
         self._source = tuple(Source(
@@ -90,8 +90,7 @@ class Assembler:
             self._ring = BufferRing(shapes, group, pools * slots, self._padded, self.consts, True)
             self._rows = RowPool(pools, slots, hold)
         else:
-            self._recycled = RecycledRings(shapes, group, self._padded, self.consts, spec.num_atoms)
-        self._one = np.zeros(1, np.int64)  # row 0 of a one-row ring
+            self._recycled = RecycledRings(shapes, group, self._padded, self.consts, spec.num_atoms, self.chunk)
 
     def assemble(self, mols: np.ndarray, lo: np.ndarray, hi: np.ndarray, shape_ids: np.ndarray) -> list[dict]:
         """Items of batches ``mols[lo[g, b]:hi[g, b]]`` (lo == hi: all padding), item ``g`` of class ``shape_ids[g]``.
@@ -105,9 +104,10 @@ class Assembler:
             ring = self._ring
             cls = np.asarray(shape_ids, dtype=np.int64)
             row = self._rows.take([0] * len(cls) if self._shared else cls.tolist())
-        else:  # a one-row ring of its own, recycled once the caller dropped every batch of it
+        else:  # a ring of the call's own, recycled once the caller dropped every batch of it
             ring = self._recycled.take()
-            cls, row = np.asarray(shape_ids[:1], dtype=np.int64), self._one
+            cls = np.asarray(shape_ids, dtype=np.int64)
+            row = np.arange(len(cls), dtype=np.int64)
         lo, hi = np.ascontiguousarray(lo, dtype=np.int64), np.ascontiguousarray(hi, dtype=np.int64)
         items = (mols, lo, hi, cls, row, self._shapes)  # kernels.Items, as a plain tuple
         threaded = self._choice is not None and self._choice.threaded()
@@ -119,7 +119,7 @@ class Assembler:
         if self._choice is not None:
             self._choice.record(threaded, (time.perf_counter() - start) / max(int(hi[-1, -1] - lo[0, 0]), 1))
         if not self.reuse:
-            return [ring.new_views(0, int(cls[0]))]
+            return [ring.new_views(r, c) for r, c in zip(row.tolist(), cls.tolist())]
         return [dict(ring.views(r, c)) for r, c in zip(row.tolist(), cls.tolist())]
 
 

@@ -158,7 +158,8 @@ class RowPool:
 
 
 class RecycledRings:
-    """One-row rings for items the caller owns (``reuse_buffers=False``), taken again once free.
+    """Rings of ``rows`` rows (one per item of a kernel call) for items the caller owns
+    (``reuse_buffers=False``), taken again once free: once no batch of the ring is alive.
 
     The oldest rings handed out are checked first: a ring none of whose arrays is referenced
     outside it (no batch, no view of one, no device array aliasing it) is taken again, with its
@@ -168,8 +169,9 @@ class RecycledRings:
     """
 
     def __init__(self, shapes: tuple[BatchShape, ...], group: int, padded: bool, consts: dict[str, np.ndarray],
-                 num_atoms: int) -> None:  # fmt: skip
+                 num_atoms: int, rows: int = 1) -> None:  # fmt: skip
         self.shapes, self.group, self.padded, self.consts, self.num_atoms = shapes, group, padded, consts, num_atoms
+        self.rows = rows
         self._out: collections.deque[BufferRing] = collections.deque()  # rings handed out, oldest first
 
     def take(self) -> BufferRing:
@@ -191,6 +193,6 @@ class RecycledRings:
             self._out.append(ring)  # still held: look again later
         while len(self._out) >= RECYCLE_TRACK:
             self._out.popleft()
-        ring = BufferRing(self.shapes, self.group, 1, self.padded, self.consts, False)
+        ring = BufferRing(self.shapes, self.group, self.rows, self.padded, self.consts, False)
         ring.track_references()
         return ring
