@@ -602,3 +602,26 @@ def test_order_version_2_split_and_epochs_are_the_shuffle_modules(data):
     first, _ = split_positions(N // 2, int(round(0.5 * (N // 2))), np.random.default_rng(1))
     np.testing.assert_array_equal(part.indices, np.sort(scrambled.indices[first]))
     assert sorted(part.indices.tolist() + rest.indices.tolist()) == sorted(scrambled.indices.tolist())
+
+
+@pytest.mark.parametrize("order", ["molecule", "block"])
+def test_data_larger_than_memory_hands_mapped_pages_back_and_batches_stay_the_same(data, monkeypatch, order):
+    """With the data files over half the available memory the loader hands its mapped pages back
+    (``readahead.release``) as it goes: every ``RELEASE_BATCHES`` batches in molecule order, at
+    every window in block order; the batches are those of a loader that keeps them."""
+    import packedqdc.loader as loader_module
+
+    kw = dict(order=order, **({"block_mib": 0.002, "window_blocks": 4} if order == "block" else {}))
+    want = [_copy(b) for b in PackedMemmapLoader(data, 8, seed=6, **kw).batches(layout="packed")]
+    calls = []
+    real_release = loader_module.release
+    monkeypatch.setattr(loader_module, "available_memory", lambda: 1000)
+    monkeypatch.setattr(loader_module, "release", lambda ds: (calls.append(1), real_release(ds)))
+    loader = PackedMemmapLoader(data, 8, seed=6, **kw)
+    assert loader._release_every == loader_module.RELEASE_BATCHES
+    got = [_copy(b) for b in loader.batches(layout="packed")]
+    assert len(got) == len(want)
+    for x, y in zip(want, got):
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+    assert len(calls) >= (2 if order == "block" else len(want) // loader_module.RELEASE_BATCHES)
