@@ -143,6 +143,10 @@ def _threaded(sources: list[Iterator[Any]], depth: int, transfer: Callable[[Any]
         stop.set()
         for thread in threads:
             thread.join()
+        for w, q in enumerate(queues):  # a hand-over the consumer stopped before reading
+            while not q.empty():
+                if isinstance(q.get_nowait(), _HandOver):
+                    inline[w] = True
         for source, taken in zip(sources, inline):
             if taken:
                 _close(source)

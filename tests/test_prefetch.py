@@ -56,3 +56,15 @@ def test_errors_and_closing_after_the_hand_over(monkeypatch):
     head = [next(stream) for _ in range(100)]
     stream.close()
     assert head == list(range(100)) and ("closed", 0) in log
+
+
+def test_a_hand_over_not_yet_read_still_closes_the_source(monkeypatch):
+    monkeypatch.setattr(prefetch, "INLINE_AFTER", 0)
+    monkeypatch.setattr(prefetch, "INLINE_WINDOW", 1)
+    for _ in range(20):  # the worker may or may not have queued its hand-over when we stop
+        log: list = []
+        stream = prefetched(_source(0, 10_000, 1, log), 4)
+        next(stream)
+        next(stream)
+        stream.close()
+        assert log[-1] == ("closed", 0)
