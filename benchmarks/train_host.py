@@ -38,7 +38,6 @@ from train import qm9_like  # benchmarks/train.py
 
 def measure(trainer, steps: int) -> tuple[float, float]:
     """(wall s/step, training-thread CPU s/step) over ``steps`` steady-state steps."""
-    packed_state = hasattr(trainer, "steps")
     done = 0
     pending = None
     t_start, cpu_start = time.perf_counter(), time.thread_time()
@@ -49,17 +48,11 @@ def measure(trainer, steps: int) -> tuple[float, float]:
                 global_batch, mol_idx = next(it)
             except StopIteration:
                 break
-            if packed_state:  # as fit() runs it: the state packed into a few arrays
-                new_packed, sums = trainer.train_step(trainer.packed, trainer.put(global_batch))
-                if pending is not None:  # the loop reads the previous step's sums while this one runs
-                    trainer.steps.sums(jax.device_get(pending))
-                trainer.packed = new_packed
-            else:  # versions before the packed state
-                new_state, sums = trainer.train_step(trainer.state, trainer.put(global_batch))
-                if pending is not None:
-                    jax.device_get(pending)
-                trainer.state = new_state
+            new_state, sums = trainer.train_step(trainer.state, trainer.put(global_batch))
+            if pending is not None:
+                jax.device_get(pending)  # the loop reads the previous step's sums while this one runs
             pending = sums
+            trainer.state = new_state
             done += 1
         it.close()
     jax.block_until_ready(trainer.state)

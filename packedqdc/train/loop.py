@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import InitVar, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Protocol
 
@@ -28,7 +28,7 @@ from .optim import learning_rate, plateau_update, schedule_progress
 from .reference import ReferenceEnergies
 from .runlock import RunLock
 from .state import TrainState
-from .step import PROGRESS_KEY, Packed, PackedStep
+from .step import PROGRESS_KEY
 
 
 class BatchStream(Protocol):
@@ -76,11 +76,9 @@ class Callbacks:
 class Trainer:
     """A run in progress: everything the loop needs, state passed explicitly through it.
 
-    ``steps`` is the train step on the packed state (``packedqdc.train.step.PackedStep``) and
-    ``train_step(packed, global_batch) -> (packed, sums vector)`` its compiled function (the loop
-    calls this attribute); ``eval_step(params, global_batch) -> sums`` the jitted eval step; ``put``
-    moves a host global batch to the devices. ``state`` (a ``TrainState``) and ``packed`` are two
-    views of one state: the loop advances ``packed``, and ``state`` is unpacked from it when read.
+    ``train_step(state, global_batch) -> (state, sums)`` and ``eval_step(params, global_batch) ->
+    sums`` are the jitted steps of ``packedqdc.train.step``; ``put`` moves a host global batch to
+    the devices.
     """
 
     cfg: TrainConfig
@@ -88,10 +86,10 @@ class Trainer:
     model: PhysNet
     reference: ReferenceEnergies
     weights: LossWeights
-    initial_state: InitVar[TrainState]
+    state: TrainState
     train_data: BatchStream
     valid_data: BatchStream
-    steps: PackedStep
+    train_step: Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]
     eval_step: Callable[[Any, Any], dict[str, jax.Array]]
     checkpoints: RunCheckpoints
     has_forces: bool = True
@@ -100,35 +98,6 @@ class Trainer:
     place_state: Callable[[TrainState], TrainState] = jax.device_put
     extra_meta: dict[str, Any] = field(default_factory=dict)
     lock: RunLock | None = None
-    train_step: Callable[[Packed, Any], tuple[Packed, jax.Array]] = field(init=False)
-    _state: TrainState | None = field(init=False, repr=False)
-    _packed: Packed | None = field(init=False, repr=False, default=None)
-
-    def __post_init__(self, initial_state: TrainState) -> None:
-        self.train_step = self.steps.run
-        self._state = initial_state
-
-    @property
-    def state(self) -> TrainState:
-        """The run's ``TrainState`` (unpacked from ``packed`` after steps, once)."""
-        if self._state is None:
-            self._state = self.steps.unpack(self._packed)
-        return self._state
-
-    @state.setter
-    def state(self, value: TrainState) -> None:
-        self._state, self._packed = value, None
-
-    @property
-    def packed(self) -> Packed:
-        """The state in the step's packed form (packed from ``state`` when it was set, once)."""
-        if self._packed is None:
-            self._packed = self.place_state(self.steps.pack(self._state))
-        return self._packed
-
-    @packed.setter
-    def packed(self, value: Packed) -> None:
-        self._packed, self._state = value, None
 
     @property
     def metrics_csv(self) -> MetricsCSV:
@@ -233,8 +202,7 @@ def fit(trainer: Trainer, callbacks: Callbacks | None = None) -> FitResult:
     start = time.monotonic()
     epoch = int(trainer.state.epoch)
     acc = SumAccumulator()
-    pending: tuple[jax.Array, np.ndarray, int] | None = None
-    step = int(trainer.state.step)  # of the packed state the loop advances
+    pending: tuple[dict[str, jax.Array], np.ndarray, int] | None = None
     resume_point = trainer.train_data.state()  # loader position matching trainer.state
     start_progress = float(trainer.extra_meta.get(PROGRESS_KEY, 0.0))
     try:
@@ -246,16 +214,16 @@ def fit(trainer: Trainer, callbacks: Callbacks | None = None) -> FitResult:
             stop = None
             steps_per_epoch = trainer.train_data.num_steps()
             for global_batch, mol_idx in trainer.train_data.epoch():
-                progress = schedule_progress(cfg, step, steps_per_epoch, time.monotonic() - start, start_progress)
+                progress = schedule_progress(cfg, int(pending[2]) + 1 if pending else int(trainer.state.step),
+                                             steps_per_epoch, time.monotonic() - start, start_progress)
                 trainer.extra_meta[PROGRESS_KEY] = progress  # saved with checkpoints, read on resume
                 devices = int(np.shape(global_batch["Z"])[0])
                 global_batch = {**global_batch, PROGRESS_KEY: np.full((devices,), progress, np.float32)}
-                new_packed, sums = trainer.train_step(trainer.packed, trainer.put(global_batch))
+                new_state, sums = trainer.train_step(trainer.state, trainer.put(global_batch))
                 if pending is not None:  # read the previous step's sums while this one runs
                     _consume(pending, trainer, epoch, acc, cb)
-                pending = (sums, mol_idx, step)
-                trainer.packed = new_packed
-                step += 1
+                pending = (sums, mol_idx, int(trainer.state.step))
+                trainer.state = new_state
                 resume_point = trainer.train_data.state()
                 stop = _stop_reason(cfg, start, cb)
                 if stop is not None:
@@ -302,10 +270,10 @@ def _stop_reason(cfg: TrainConfig, start: float, cb: Callbacks) -> str | None:
     return None
 
 
-def _consume(pending: tuple[jax.Array, np.ndarray, int], trainer: Trainer, epoch: int,
+def _consume(pending: tuple[dict[str, jax.Array], np.ndarray, int], trainer: Trainer, epoch: int,
              acc: SumAccumulator, cb: Callbacks) -> None:
     sums, mol_idx, step = pending
-    host = trainer.steps.sums(jax.device_get(sums))
+    host = jax.device_get(sums)
     _check_finite(host, trainer, epoch, step, mol_idx)
     acc.add(host)
     if cb.step is not None:

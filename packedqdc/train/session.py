@@ -31,7 +31,7 @@ from .optim import make_optimizer
 from .reference import ReferenceEnergies, fit_charges, fit_reference_energies, with_initial_coulomb
 from .runlock import LOCK_FILE, RunLock
 from .state import TrainState, create_state
-from .step import PROGRESS_KEY, loss_weights, make_eval_step, make_packed_step
+from .step import PROGRESS_KEY, loss_weights, make_eval_step, make_train_step
 
 CONFIG_FILE = "config.json"
 #: files whose sha256 (from meta.json) identify a dataset when a run is resumed on a copy
@@ -98,10 +98,9 @@ def _assemble(cfg: TrainConfig, run_dir: Path, model: PhysNet, reference: Refere
               placement: Placement, dataset: dict[str, Any], lock: RunLock | None,
               checkpoints: RunCheckpoints | None = None) -> Trainer:
     weights = loss_weights(cfg, has_forces, streams[0].loader.has_dipoles)
-    state = placement.replicate(state)
     return Trainer(cfg=cfg, run_dir=run_dir, model=model, reference=reference, weights=weights,
-                   initial_state=state, train_data=streams[0], valid_data=streams[1],
-                   steps=make_packed_step(model, cfg, weights, state, placement.jit),
+                   state=placement.replicate(state), train_data=streams[0], valid_data=streams[1],
+                   train_step=placement.jit(make_train_step(model, cfg, weights)),
                    eval_step=placement.jit(make_eval_step(model, weights)),
                    checkpoints=checkpoints or RunCheckpoints(run_dir),
                    has_forces=has_forces, put=_placed, place_state=placement.replicate,

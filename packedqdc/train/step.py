@@ -3,16 +3,12 @@
 Host side (numpy, float64 where it matters): ``prepare_batch`` subtracts the reference energies in
 float64 and casts the residual targets to float32; ``stack_global`` adds the leading device axis.
 Device side: ``make_train_step`` / ``make_eval_step`` close over the model and the loss settings and
-are compiled once per shape class of the global batch. ``make_packed_step`` is the train step the
-training loop runs: the same step on a packed state (``StateLayout``), because the cost of calling
-a jitted function grows with its leaves: 207 of them (PhysNet's parameters, two AMSGrad moments and
-their maximum, the EMA) cost ~1.3 ms of host time per step here, one float32 vector ~0.35 ms.
+are compiled once per shape class of the global batch.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -22,7 +18,7 @@ import numpy as np
 from ..model.physnet import PhysNet
 from ..units import EV_TO_KCAL_MOL
 from .config import TrainConfig
-from .loss import SUM_KEYS, LossWeights, global_batch_sums, loss_from_sums
+from .loss import LossWeights, global_batch_sums, loss_from_sums
 from .optim import ema_update, learning_rate, make_optimizer
 from .reference import ReferenceEnergies
 from .state import TrainState
@@ -131,76 +127,3 @@ def make_eval_step(model: PhysNet, weights: LossWeights) -> Callable[[Any, Mappi
         return {**sums, "loss": loss_from_sums(sums, weights)}
 
     return jax.jit(evaluate)
-
-
-Packed = tuple[jax.Array, tuple[jax.Array, ...]]
-
-
-@dataclass(frozen=True)
-class StateLayout:
-    """Where the leaves of a ``TrainState`` sit in its packed form ``(vector, others)``: every
-    float32 leaf, flattened in leaf order, in one float32 ``vector``; the other leaves (step,
-    epoch, rng, counters) as they are. Static: built from one state, valid for all states of the run.
-    """
-
-    treedef: Any
-    shapes: tuple[tuple[int, ...], ...]
-    in_vector: tuple[bool, ...]
-
-    @classmethod
-    def of(cls, state: TrainState) -> StateLayout:
-        leaves, treedef = jax.tree.flatten(state)
-        return cls(treedef, tuple(tuple(np.shape(x)) for x in leaves),
-                   tuple(np.dtype(x.dtype) == np.float32 for x in leaves))
-
-    def pack(self, state: TrainState) -> Packed:
-        leaves = jax.tree.leaves(state)
-        floats = [jnp.ravel(x) for x, v in zip(leaves, self.in_vector) if v]
-        vector = jnp.concatenate(floats) if floats else jnp.zeros((0,), jnp.float32)
-        return vector, tuple(x for x, v in zip(leaves, self.in_vector) if not v)
-
-    def unpack(self, packed: Packed) -> TrainState:
-        vector, others = packed
-        rest, leaves, at = iter(others), [], 0
-        for shape, v in zip(self.shapes, self.in_vector):
-            if v:
-                size = int(np.prod(shape, dtype=np.int64))
-                leaves.append(vector[at : at + size].reshape(shape))
-                at += size
-            else:
-                leaves.append(next(rest))
-        return jax.tree.unflatten(self.treedef, leaves)
-
-
-@dataclass(frozen=True)
-class PackedStep:
-    """The train step of ``make_train_step`` on a packed state, with its error sums in one vector.
-
-    ``run(packed, global_batch) -> (packed, sums_vector)``; ``pack(state)`` and ``unpack(packed)``
-    convert (jitted: one call each); ``sums(host_vector)`` names the sums again (``sum_keys``).
-    """
-
-    layout: StateLayout
-    sum_keys: tuple[str, ...]
-    run: Callable[[Packed, Mapping[str, jax.Array]], tuple[Packed, jax.Array]]
-    pack: Callable[[TrainState], Packed]
-    unpack: Callable[[Packed], TrainState]
-
-    def sums(self, vector: np.ndarray) -> dict[str, np.ndarray]:
-        values = np.asarray(vector)
-        return {key: values[i] for i, key in enumerate(self.sum_keys)}
-
-
-def make_packed_step(model: PhysNet, cfg: TrainConfig, weights: LossWeights, state: TrainState,
-                     jit: Callable[[Callable], Callable] = jax.jit) -> PackedStep:
-    """``make_train_step``'s step on the packed form of states shaped like ``state``; ``jit``
-    compiles it (``Placement.jit`` for a device mesh). It computes what the unpacked step does."""
-    step = make_train_step(model, cfg, weights)
-    layout = StateLayout.of(state)
-    sum_keys = (*SUM_KEYS, "loss", "lr")
-
-    def run(packed: Packed, batch: Mapping[str, jax.Array]) -> tuple[Packed, jax.Array]:
-        new_state, sums = step(layout.unpack(packed), batch)
-        return layout.pack(new_state), jnp.stack([jnp.asarray(sums[k], jnp.float32) for k in sum_keys])
-
-    return PackedStep(layout, sum_keys, jit(run), jax.jit(layout.pack), jax.jit(layout.unpack))
