@@ -71,9 +71,10 @@ class PackedMemmapLoader:
             alone. The threads are packedqdc's own (no numba threading layer is used).
         process_index, process_count: this process's shard (see ``shard``).
         order: ``"molecule"``: each epoch is a shuffle of all molecules (reads one page per file
-            per molecule: for data in memory). ``"block"``: each epoch takes contiguous blocks of
-            about ``block_mib`` MiB of atoms in a random order and shuffles ``window_blocks`` of
-            them at a time (reads whole blocks sequentially: for data larger than memory).
+            per molecule: for data in memory). ``"block"``: each epoch deals contiguous blocks of
+            about ``block_mib`` MiB of atoms into windows of ``window_blocks`` (one block from every
+            part of the file each, ``batching.block_order``), visits the windows in a random order
+            and shuffles each window's molecules (reads whole blocks: for data larger than memory).
             ``"auto"`` (default): block order when the data files exceed half the available
             memory, else molecule order; ``order`` then holds the choice, ``order_note`` why.
         block_mib, window_blocks: block order's block size (MiB of atom data) and shuffle window
