@@ -132,10 +132,11 @@ def test_cosine_schedule_fits_the_run_and_warm_up() -> None:
 
 def test_a_config_saved_before_new_options_keeps_its_behaviour(tmp_path: Path) -> None:
     old = TrainConfig(charge_weight=14.399645351950548, nh_weight=0.01).to_dict()
-    for key in ("loss_unit", "warmup_steps", "charge_embedding"):
+    for key in ("loss_unit", "warmup_steps", "charge_embedding", "order_version"):
         del old[key]
     cfg = TrainConfig.from_dict(old)
     assert cfg.loss_unit == "kcal/mol" and cfg.warmup_steps == 0 and cfg.charge_embedding is False
+    assert cfg.order_version == 1 and TrainConfig().order_version == 2  # its split and orders, too
     assert cfg.loss_term_weights() == (14.399645351950548, 0.01)
     # unit-aware defaults: one physical weight (kcal/mol per e, kcal/mol) in either loss unit
     assert TrainConfig().loss_term_weights() == pytest.approx((14.399645, 0.01), rel=1e-6)
@@ -154,3 +155,21 @@ def test_a_charge_only_in_the_validation_split_is_refused_before_training(tmp_pa
     _check_valid_charges(ds, np.flatnonzero(q == 1), ref)  # seen in training: fine
     with pytest.raises(ConfigError, match=r"total charge\(s\) \+2 occur only in the validation split"):
         _check_valid_charges(ds, dication, ref)
+
+
+def test_training_loaders_take_the_runs_order_version(sample_dir: Path) -> None:
+    """``packedqdc train``'s split follows ``--order-version``: version 1 is the permutation split
+    runs saved before version 2 were trained on, version 2 ``shuffle.split_positions``."""
+    from packedqdc.shuffle import split_positions
+    from packedqdc.train.data import split
+
+    for version in (1, 2):
+        train, valid = split(sample_dir, 16, 8192, 3, 0.2, order_version=version)
+        assert train.order_version == valid.order_version == version
+        N = train.N + valid.N
+        if version == 1:
+            perm = np.random.default_rng(3).permutation(N)
+            want = np.sort(perm[int(round(0.8 * N)):])
+        else:
+            want = split_positions(N, int(round(0.8 * N)), np.random.default_rng(3), 2)[1]
+        np.testing.assert_array_equal(valid.indices, want)
