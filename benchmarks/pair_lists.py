@@ -37,6 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import SIGMA, _embed, _xtb  # noqa: E402
+from step_timing import best_pass_seconds, run_pass  # noqa: E402
 
 #: (name, SMILES): drug-like molecules of SPICE's sizes; the charge is the SMILES's formal charge
 MOLECULES: tuple[tuple[str, str], ...] = (
@@ -154,7 +155,7 @@ def speed(data: Path, steps: int, rounds: int, features: int, cutoff: float, bat
     loader = PackedMemmapLoader(data, batch_size=batch_size, shuffle=True, seed=0)
     reference = fit_reference_energies(loader.dataset, np.arange(loader.N))
     max_atoms = int(loader.n_atoms.max())
-    runs = {}
+    runs, counts = {}, {}
     for pair_list in ("all", "cutoff"):
         cfg = TrainConfig(features=features, cutoff=cutoff, batch_size=batch_size, pair_list=pair_list)
         stream = LoaderStream(loader, reference, layout="packed", num_atoms=max_atoms,
@@ -170,24 +171,14 @@ def speed(data: Path, steps: int, rounds: int, features: int, cutoff: float, bat
         model = model_for(cfg, reference, True, max_atoms)
         params = init_params(model, jax.random.PRNGKey(0), {k: v[0] for k, v in batches[0].items()})
         step = make_train_step(model, cfg, loss_weights(cfg))
-        state = create_state(params, make_optimizer(cfg), jax.random.PRNGKey(1))
-        for b in batches:  # compile every shape class
-            state, sums = step(state, b)
-        jax.block_until_ready(sums)
-        runs[pair_list] = [step, state, batches, n_mol, n_pairs, []]
-    for _ in range(rounds):
-        for run in runs.values():
-            step, state, batches, _, _, times = run
-            start = time.perf_counter()
-            for b in batches:
-                state, sums = step(state, b)
-            jax.block_until_ready(sums)
-            times.append(time.perf_counter() - start)
-            run[1] = state
+        state = run_pass(step, create_state(params, make_optimizer(cfg), jax.random.PRNGKey(1)), batches)
+        runs[pair_list] = (step, state, batches)
+        counts[pair_list] = (n_mol, n_pairs)
+    best = best_pass_seconds(runs, rounds)
     print(f"{data}: largest molecule {max_atoms} atoms, features {features}, cutoff {cutoff} Å, {steps} steps of "
           f"~{batch_size} molecules, best of {rounds} rounds; load average {os.getloadavg()[0]:.1f}")
-    for pair_list, (_, _, _, n_mol, n_pairs, times) in runs.items():
-        print(f"  {pair_list:6s} {n_mol / min(times):7.1f} molecules/s  ({n_pairs / n_mol:7.1f} real pairs per molecule)")
+    for pair_list, (n_mol, n_pairs) in counts.items():
+        print(f"  {pair_list:6s} {n_mol / best[pair_list]:7.1f} molecules/s  ({n_pairs / n_mol:7.1f} real pairs per molecule)")
 
 
 def main() -> None:

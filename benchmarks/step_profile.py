@@ -24,6 +24,7 @@ from packedqdc.train.data import LoaderStream
 from packedqdc.train.optim import make_optimizer
 from packedqdc.train.state import create_state
 from packedqdc.train.step import loss_weights, make_train_step
+from step_timing import best_pass_seconds, run_pass
 
 SETTINGS = (  # (features, num_basis, electrostatics)
     (64, 64, True), (64, 32, True), (64, 16, True), (64, 64, False), (128, 64, True), (128, 32, True),
@@ -53,28 +54,17 @@ def main() -> None:
         model = PhysNet(features=features, num_basis=basis, cutoff=6.0, electrostatics=ele)
         params = init_params(model, jax.random.PRNGKey(0), {k: v[0] for k, v in batches[0].items()})
         step = make_train_step(model, cfg, loss_weights(cfg))
-        state = create_state(params, make_optimizer(cfg), jax.random.PRNGKey(1))
         start = time.perf_counter()
-        for b in batches:  # compile every shape class
-            state, sums = step(state, b)
-        jax.block_until_ready(sums)
+        state = run_pass(step, create_state(params, make_optimizer(cfg), jax.random.PRNGKey(1)), batches)
         print(f"F={features:3d} K={basis:2d} electrostatics={'on ' if ele else 'off'} compiled + 1 pass in "
               f"{time.perf_counter() - start:.0f} s", flush=True)
-        runs[(features, basis, ele)] = [step, state, []]
-    for _ in range(args.rounds):
-        for key, run in runs.items():
-            step, state, times = run
-            start = time.perf_counter()
-            for b in batches:
-                state, sums = step(state, b)
-            jax.block_until_ready(sums)
-            times.append(time.perf_counter() - start)
-            run[1] = state
+        runs[(features, basis, ele)] = (step, state, batches)
+    best = best_pass_seconds(runs, args.rounds)
     print(f"{args.steps} steps of ~{args.batch_size} molecules ({n_mol} molecules), best of {args.rounds} rounds; "
           f"load average {os.getloadavg()[0]:.1f}")
-    for (features, basis, ele), (_, _, times) in runs.items():
+    for (features, basis, ele), seconds in best.items():
         print(f"  F={features:3d} K={basis:2d} electrostatics={'on ' if ele else 'off'}  "
-              f"{n_mol / min(times):7.1f} molecules/s")
+              f"{n_mol / seconds:7.1f} molecules/s")
 
 
 if __name__ == "__main__":

@@ -270,8 +270,7 @@ def block_order(
     sizes = np.diff(bounds)
     if version == 1:
         perm = rng.permutation(n_blocks)
-        cuts = np.minimum(np.arange(0, n_blocks + window, window, dtype=np.int64), n_blocks)
-        cuts = cuts[: -(-n_blocks // window) + 1] if n_blocks else np.zeros(1, np.int64)
+        cuts = np.append(np.arange(0, n_blocks, window, dtype=np.int64), n_blocks)
     else:
         perm, cuts = _stratified_windows(n_blocks, window, rng)
     order = np.empty(indices.shape[0], dtype=index_dtype(indices.shape[0]))

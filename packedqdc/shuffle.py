@@ -200,12 +200,13 @@ def split_positions(n: int, n_first: int, rng: np.random.Generator, version: int
     per_segment = _segment_counts(n, k, rng)
     (key,) = _keys(rng, 1)
     size = SEGMENT if per_segment.shape[0] > 1 else max(n, 1)
+    lengths = np.minimum(size, n - size * np.arange(per_segment.shape[0]))  # positions per segment
     at_rest = np.concatenate([[0], np.cumsum(per_segment)])
-    at_first = np.concatenate([[0], np.cumsum(np.minimum(size, n - size * np.arange(per_segment.shape[0])) - per_segment)])
+    at_first = np.concatenate([[0], np.cumsum(lengths - per_segment)])
 
     def segment(s: int) -> None:
         lo = s * size
-        _select(lo, min(size, n - lo), int(per_segment[s]), key, rest[at_rest[s] : at_rest[s + 1]],
+        _select(lo, int(lengths[s]), int(per_segment[s]), key, rest[at_rest[s] : at_rest[s + 1]],
                 first[at_first[s] : at_first[s + 1]])
 
     run_threads([lambda s=s: segment(s) for s in range(per_segment.shape[0])])
