@@ -110,13 +110,14 @@ class Assembler:
             row = np.arange(len(cls), dtype=np.int64)
         lo, hi = np.ascontiguousarray(lo, dtype=np.int64), np.ascontiguousarray(hi, dtype=np.int64)
         items = (mols, lo, hi, cls, row, self._shapes)  # kernels.Items, as a plain tuple
-        threaded = self._choice is not None and self._choice.threaded()
-        start = time.perf_counter()
+        threaded, timed = self._choice.next_call() if self._choice is not None else (False, False)
+        if timed:
+            start = time.perf_counter()
         if threaded:
             self._kernels[1](items, self._source, self._pairs, ring.out, self.threads)
         else:
             self._kernels[0](items, self._source, self._pairs, ring.out)
-        if self._choice is not None:
+        if timed:
             self._choice.record(threaded, (time.perf_counter() - start) / max(int(hi[-1, -1] - lo[0, 0]), 1))
         if not self.reuse:
             return [ring.new_views(r, c) for r, c in zip(row.tolist(), cls.tolist())]
@@ -130,11 +131,13 @@ class ThreadChoice:
     Helper threads only pay when they get a core of their own; on a machine whose cores are busy
     with other work they make a call slower (here 0.6-0.75x under full load from other
     processes, and a call whose helper was preempted waits for it: a whole time slice). Timing
-    both keeps ``threads > 1`` from ever being much slower than one thread: the first
-    ``2 * WARMUP`` calls alternate, then the better is used and the other is timed once every
-    ``period`` calls; the period doubles (up to ``MAX_PROBE``) each time the threads lose, and is
-    back to ``PROBE`` when they win. A mode's cost is the median of its last ``WINDOW`` timings
-    (robust to a call preempted by another process).
+    both keeps ``threads > 1`` from being slower than one thread: the first ``2 * WARMUP`` calls
+    alternate, then the better is used and the other is tried once every ``period`` calls; the
+    period doubles (up to ``MAX_PROBE``) each time the threads lose, and is back to ``PROBE`` when
+    they win or a probe beats the other mode's median. A mode's cost is the median of its last ``WINDOW`` timings (robust to a call
+    preempted by another process). Between probes only the ``WINDOW`` calls before the next probe
+    are timed, so that the choice costs a counter in the steady state (timing every call cost
+    ~4 µs, 5% of a call of four QM9-sized batches).
     """
 
     WARMUP = 8
@@ -146,19 +149,21 @@ class ThreadChoice:
         self.calls = 0
         self.period = self.PROBE
         self.next_probe = 2 * self.WARMUP + self.PROBE
+        self.better = False
         self.recent: tuple[collections.deque, collections.deque] = (
             collections.deque(maxlen=self.WINDOW), collections.deque(maxlen=self.WINDOW))  # fmt: skip
 
-    def threaded(self) -> bool:
+    def next_call(self) -> tuple[bool, bool]:
+        """(use the helper threads, time the call and ``record`` it) for the next call."""
         self.calls += 1
         if self.calls <= 2 * self.WARMUP:
-            return bool(self.calls % 2)
-        better = self.cost(True) < self.cost(False)
+            return bool(self.calls % 2), True
         if self.calls < self.next_probe:
-            return better
-        self.period = self.PROBE if better else min(2 * self.period, self.MAX_PROBE)
+            return self.better, self.calls >= self.next_probe - self.WINDOW
+        self.better = self._faster()
+        self.period = self.PROBE if self.better else min(2 * self.period, self.MAX_PROBE)
         self.next_probe = self.calls + self.period
-        return not better
+        return not self.better, True
 
     def cost(self, threaded: bool) -> float:
         """Median seconds per molecule of the recent calls in one mode."""
@@ -166,6 +171,14 @@ class ThreadChoice:
         return values[len(values) // 2] if values else 0.0
 
     def record(self, threaded: bool, seconds_per_molecule: float) -> None:
+        probe = self.calls > 2 * self.WARMUP and threaded != self.better
+        if probe and seconds_per_molecule < self.cost(self.better):  # promising: probe again soon
+            self.period = self.PROBE
+            self.next_probe = self.calls + self.period
         self.recent[int(threaded)].append(seconds_per_molecule)
+        if probe or self.calls <= 2 * self.WARMUP:
+            self.better = self._faster()
 
-
+    def _faster(self) -> bool:
+        """True when the helper threads were faster lately."""
+        return self.cost(True) < self.cost(False)

@@ -206,3 +206,42 @@ def test_claimed_fills_every_piece_and_raises_errors():
         assert set(seen) == set(range(17))
     with pytest.raises(ValueError, match="piece 0"):
         kernels.claimed(fill, 8, 2, (0,))
+
+
+@pytest.mark.parametrize("threads_faster", [False, True])
+def test_thread_choice_settles_on_the_faster_mode_and_times_few_calls(threads_faster):
+    from packedqdc.assembly import ThreadChoice
+
+    choice = ThreadChoice()
+    used, timed = [], 0
+    for _ in range(5000):
+        threaded, time_it = choice.next_call()
+        used.append(threaded)
+        if time_it:
+            timed += 1
+            choice.record(threaded, 1.0 if threaded == threads_faster else 2.0)
+    steady = used[2 * ThreadChoice.WARMUP :]
+    wrong = sum(u != threads_faster for u in steady)
+    assert used[: 2 * ThreadChoice.WARMUP].count(True) == ThreadChoice.WARMUP  # the warm-up alternates
+    if threads_faster:  # the single thread is probed every PROBE calls
+        assert wrong == pytest.approx(len(steady) / ThreadChoice.PROBE, abs=2)
+    else:  # losing threads are probed ever more rarely
+        assert wrong <= 8
+    assert timed < len(used) * (ThreadChoice.WINDOW + 1) / ThreadChoice.PROBE + 2 * ThreadChoice.WARMUP
+
+
+def test_thread_choice_switches_when_the_other_mode_becomes_faster():
+    from packedqdc.assembly import ThreadChoice
+
+    choice = ThreadChoice()
+    cost = {True: 2.0, False: 1.0}
+    used = []
+    for call in range(3000):
+        if call == 1000:
+            cost = {True: 1.0, False: 2.0}  # e.g. the other processes on the machine stopped
+        threaded, time_it = choice.next_call()
+        used.append(threaded)
+        if time_it:
+            choice.record(threaded, cost[threaded])
+    assert sum(used[500:1000]) <= 1  # one probe of the threads at most
+    assert sum(used[1200:]) >= len(used[1200:]) * (1 - 1.5 / ThreadChoice.PROBE)  # switched within 200 calls
