@@ -33,6 +33,11 @@ import numpy as np
 from packedqdc.train import TrainConfig
 from packedqdc.train.session import start_run
 
+try:
+    from packedqdc.train.metrics import sums_to_host  # how fit reads a step's sums
+except ImportError:  # versions before it (run beside them with PYTHONPATH) read them with device_get
+    sums_to_host = jax.device_get
+
 from train import qm9_like  # benchmarks/train.py
 
 
@@ -50,7 +55,7 @@ def measure(trainer, steps: int) -> tuple[float, float]:
                 break
             new_state, sums = trainer.train_step(trainer.state, trainer.put(global_batch))
             if pending is not None:
-                jax.device_get(pending)  # the loop reads the previous step's sums while this one runs
+                sums_to_host(pending)  # the loop reads the previous step's sums while this one runs
             pending = sums
             trainer.state = new_state
             done += 1

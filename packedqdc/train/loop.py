@@ -23,7 +23,7 @@ from ..parallel import is_main_process
 from .checkpoint import RunCheckpoints
 from .config import TrainConfig
 from .loss import LossWeights
-from .metrics import MetricsCSV, SumAccumulator, summarize
+from .metrics import MetricsCSV, SumAccumulator, summarize, sums_to_host
 from .optim import learning_rate, plateau_update, schedule_progress
 from .reference import ReferenceEnergies
 from .runlock import RunLock
@@ -161,8 +161,8 @@ def evaluate_stream(eval_step: Callable[[Any, Any], dict[str, jax.Array]], param
         if on_batch is not None:
             on_batch(global_batch, mol_idx)
         pending.append(eval_step(params, put(global_batch)))
-    for sums in jax.device_get(pending):
-        acc.add(sums)
+    for sums in pending:
+        acc.add(sums_to_host(sums))
     return acc.totals
 
 
@@ -273,7 +273,7 @@ def _stop_reason(cfg: TrainConfig, start: float, cb: Callbacks) -> str | None:
 def _consume(pending: tuple[dict[str, jax.Array], np.ndarray, int], trainer: Trainer, epoch: int,
              acc: SumAccumulator, cb: Callbacks) -> None:
     sums, mol_idx, step = pending
-    host = jax.device_get(sums)
+    host = sums_to_host(sums)
     _check_finite(host, trainer, epoch, step, mol_idx)
     acc.add(host)
     if cb.step is not None:
