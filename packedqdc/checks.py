@@ -21,6 +21,20 @@ from .format import MoleculeChunk
 #: how many skip reasons are kept for the pack summary
 SKIPPED_SHOWN = 10
 
+#: Å; two atoms of one molecule this close are at the same place: duplicated atoms (the shortest
+#: bond, H2's, is 0.74 Å; strained geometries of reactive sampling stay above 0.4 Å). Far below
+#: any real distance, so that synthetic sets of random positions pass too (two of 30 atoms drawn
+#: with a spread of 1 Å come this close in one molecule of ~2.5e7). Checked by ``validate``, not
+#: while packing: the O(n^2) pass per molecule and loading its compiled kernel would double the
+#: time ``pack npz`` takes (0.25 s per 1M QM9-sized molecules, plus 0.7 s to load numba).
+MIN_ATOM_DISTANCE = 0.001
+
+#: Å; a coordinate beyond this keeps less than 0.01 Å of resolution in float32 (2^-7 Å at 1e5)
+MAX_COORDINATE = 1e5
+
+CLOSE_ATOMS = f"two atoms at the same place (closer than {MIN_ATOM_DISTANCE} Å: duplicated atoms?)"
+FAR_COORDINATE = f"coordinate beyond {MAX_COORDINATE:g} Å (float32 keeps less than 0.01 Å there)"
+
 
 @dataclass(frozen=True)
 class Invalid:
@@ -36,9 +50,11 @@ def invalid_molecules(chunk: MoleculeChunk) -> list[Invalid]:
     """Every failing check of ``chunk``, in reporting order; empty when all molecules are valid.
 
     Checks: at least one atom; atomic numbers in 1..118; finite R, F (float32), E and D (float64);
-    finite, whole-number total charges. "Non-finite" is judged on the values as stored, so a
-    finite input that overflows in the conversion (R = 1e39 Å as float32) is reported too. Each check tests the whole chunk in one pass and maps
-    failures to molecules only when there are some.
+    coordinates within ``MAX_COORDINATE`` Å; finite, whole-number total charges. "Non-finite" is
+    judged on the values as stored, so a finite input that overflows in the conversion (R = 1e39 Å
+    as float32) is reported too. Each check tests the whole chunk in one pass and maps failures to
+    molecules only when there are some. (Atoms at the same place, ``MIN_ATOM_DISTANCE``, are
+    ``validate``'s check.)
     """
     counts = np.asarray(chunk.n_atoms, dtype=np.int64)
     found: list[Invalid] = []
@@ -57,10 +73,13 @@ def invalid_molecules(chunk: MoleculeChunk) -> list[Invalid]:
     z = np.asarray(chunk.Z)
     if z.size and (z.min() < 1 or z.max() > MAX_Z):
         add("Z", f"atomic number outside 1..{MAX_Z}", per_atom((z < 1) | (z > MAX_Z)))
-    for name, values in (("R", chunk.R), ("F", chunk.F)):
-        if values is not None and not all_finite(values):
-            add(name, "non-finite value",
-                per_atom(~np.isfinite(np.asarray(values)).all(axis=1)))
+    r = np.asarray(chunk.R)
+    if r.size and not (-MAX_COORDINATE <= r.min() and r.max() <= MAX_COORDINATE):  # NaN, inf or far
+        finite = np.isfinite(r).all(axis=1)
+        add("R", "non-finite value", per_atom(~finite))
+        add("R", FAR_COORDINATE, per_atom(finite & (np.abs(r) > MAX_COORDINATE).any(axis=1)))
+    if chunk.F is not None and not all_finite(chunk.F):
+        add("F", "non-finite value", per_atom(~np.isfinite(np.asarray(chunk.F)).all(axis=1)))
     if not all_finite(chunk.E):
         add("E", "non-finite value", ~np.isfinite(np.asarray(chunk.E)))
     if chunk.Qtot is not None:
@@ -132,4 +151,5 @@ class ValueScreen:
         return select(chunk, ~bad)
 
 
-__all__ = ["Invalid", "SKIPPED_SHOWN", "ValueScreen", "invalid_molecules", "select"]
+__all__ = ["CLOSE_ATOMS", "FAR_COORDINATE", "Invalid", "MAX_COORDINATE", "MIN_ATOM_DISTANCE", "SKIPPED_SHOWN",
+           "ValueScreen", "invalid_molecules", "select"]

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from .checks import CLOSE_ATOMS, FAR_COORDINATE, MAX_COORDINATE, MIN_ATOM_DISTANCE
 from .elements import MAX_Z, element_histogram, symbol
 from .errors import FormatError
 from .finite import all_finite
@@ -27,6 +28,7 @@ from .format import (
     N_ATOMS,
     OFFSETS,
     QTOT_FILE,
+    R_FILE,
     D_FILE,
     F_FILE,
     RAW_FILES,
@@ -113,7 +115,8 @@ def validate_packed(path: str | os.PathLike[str], checksums: bool = False, max_p
 
     Checks: sizes against offsets and N; offsets 1-D int64, starting at 0, non-decreasing, no
     empty molecule; n_atoms == diff(offsets); Z in 1..118; R, F, E, Qtot finite; Qtot integral;
-    meta.json consistent with the files; with ``checksums``, the sha256 sums. Never raises on a
+    coordinates within ``checks.MAX_COORDINATE`` Å and no two atoms of a molecule at the same
+    place (``checks.MIN_ATOM_DISTANCE``); meta.json consistent with the files; with ``checksums``, the sha256 sums. Never raises on a
     corrupt directory: everything goes into the report.
     """
     root = Path(path)
@@ -131,6 +134,7 @@ def validate_packed(path: str | os.PathLike[str], checksums: bool = False, max_p
     _check_n_atoms(root, offsets, report)
     present = {spec.name: _check_size(root, spec, offsets, report) for spec in RAW_FILES}
     elements = _check_values(root, offsets, present, report)
+    _check_close_atoms(root, offsets, present, report)
     _check_meta(root, present, elements, checksums, report)
     return report
 
@@ -335,12 +339,17 @@ def _scan(file: Path, spec: RawFileSpec, rows: int) -> tuple[list[_Finding], np.
         findings = [_Finding("non-finite value")]
         if spec.name == QTOT_FILE:
             findings.append(_Finding("fractional total charge {value}"))
+        if spec.name == R_FILE:
+            findings.append(_Finding(FAR_COORDINATE))
     for lo, block in _blocks(file, spec, rows):
         if spec.name == Z_FILE:
             histogram += element_histogram(block)
             if block.min(initial=1) < 1 or block.max(initial=1) > MAX_Z:
                 findings[0].update(lo, (block < 1) | (block > MAX_Z), block)
             continue
+        if spec.name == R_FILE and (block.max() > MAX_COORDINATE or block.min() < -MAX_COORDINATE):
+            far = np.isfinite(block).all(axis=1) & (np.abs(block) > MAX_COORDINATE).any(axis=1)  # NaN, inf: above
+            findings[1].update(lo, far, block)
         if spec.name != QTOT_FILE and all_finite(block):
             continue
         finite = np.isfinite(block) if spec.width == 1 else np.isfinite(block).all(axis=1)
@@ -349,6 +358,35 @@ def _scan(file: Path, spec: RawFileSpec, rows: int) -> tuple[list[_Finding], np.
         if spec.name == QTOT_FILE:
             findings[1].update(lo, finite & (block != np.round(block)), block)
     return findings, histogram
+
+
+def _check_close_atoms(root: Path, offsets: np.ndarray, present: dict[str, int | None], report: ValidationReport) -> None:
+    """Molecules with two atoms at the same place (``checks.MIN_ATOM_DISTANCE``), streamed: whole
+    molecules of about ``BLOCK_ROWS`` atoms at a time. Needs sound offsets and a complete R."""
+    if present[R_FILE] != int(offsets[-1]) or any(p.file == OFFSETS for p in report.problems):
+        return
+    from .distances import closest_pair_distances  # numba: imported only when validating
+
+    n_mol = offsets.shape[0] - 1
+    first, count, lo = None, 0, 0
+    while lo < n_mol:
+        start = int(offsets[lo])
+        hi = max(lo + 1, int(np.searchsorted(offsets, start + BLOCK_ROWS, side="right")) - 1)
+        hi = min(hi, n_mol)
+        stop = int(offsets[hi])
+        try:
+            R = np.fromfile(root / R_FILE, dtype=np.float32, count=3 * (stop - start), offset=12 * start)
+        except OSError as exc:
+            _unreadable(R_FILE, exc, report)
+            return
+        close = np.flatnonzero(closest_pair_distances(np.asarray(offsets[lo : hi + 1]) - start, R.reshape(-1, 3))
+                               < MIN_ATOM_DISTANCE)  # fmt: skip
+        if close.shape[0]:
+            first = lo + int(close[0]) if first is None else first
+            count += int(close.shape[0])
+        lo = hi
+    if count:
+        report.add(R_FILE, f"{CLOSE_ATOMS} ({count} molecules affected)", first)
 
 
 # --------------------------------------------------------------------------------------------

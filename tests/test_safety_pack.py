@@ -122,6 +122,26 @@ def test_values_are_checked_after_conversion(tmp_path: Path, make_padded) -> Non
     assert not (tmp_path / "p1").exists() and not (tmp_path / "p2").exists()
 
 
+def test_far_coordinates_are_refused_and_duplicated_atoms_left_to_validate(tmp_path: Path, make_padded) -> None:
+    """A coordinate where float32 keeps less than 0.01 Å is bad input: one line naming key and
+    molecule, --skip-invalid drops it. Two atoms at one place (a 1/r term of the model makes it
+    inf) cost O(n^2) per molecule to find: ``validate`` finds them, by molecule."""
+    d = make_padded()
+    d["R"][19, 3, 0] = 3.0e5
+    np.savez(tmp_path / "far.npz", **d)
+    code, out = _cli("pack", "npz", tmp_path / "far.npz", tmp_path / "p1")
+    assert code == 1
+    assert "far.npz: key 'R': molecule 19: coordinate beyond 100000 Å" in _one_line_error(out)
+    result = pack_npz(tmp_path / "far.npz", tmp_path / "p2", skip_invalid=True)
+    assert result.n_molecules == 39 and result.skipped == 1
+    assert not (tmp_path / "p1").exists()
+    d = make_padded()
+    d["R"][11, 5] = d["R"][11, 2]  # molecule 11 has 9 atoms
+    np.savez(tmp_path / "dup.npz", **d)
+    code, out = _cli("validate", pack_npz(tmp_path / "dup.npz", tmp_path / "p3").path)
+    assert code == 1 and "R_pack.f32: molecule 11: two atoms at the same place" in out
+
+
 def test_huge_atomic_number_is_not_wrapped_by_the_int32_cast(tmp_path: Path, make_padded) -> None:
     d = make_padded()
     z = d["Z"].astype(np.int64)

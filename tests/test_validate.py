@@ -100,6 +100,17 @@ def fractional_qtot(d: Path) -> None:
     _poke(d, "Qtot.f64", np.float64, 8, 0.5)
 
 
+def duplicated_atom(d: Path) -> None:
+    r = np.fromfile(d / "R_pack.f32", dtype=np.float32).reshape(-1, 3)
+    first = _atom(d, 19)  # 9 atoms
+    r[first + 4] = r[first + 2]
+    r.tofile(d / "R_pack.f32")
+
+
+def coordinate_far_away(d: Path) -> None:
+    _poke(d, "R_pack.f32", np.float32, (_atom(d, 21) + 1, 2), -2.0e5, width=3)
+
+
 def checksum_mismatch(d: Path) -> None:
     f = np.fromfile(d / "F_pack.f32", dtype=np.float32)
     f[0] += 1.0
@@ -131,6 +142,8 @@ CASES: list[tuple[Callable[[Path], None], str, int | None, str]] = [
     (n_atoms_disagree, "n_atoms.npy", 7, "n_atoms is"),
     (nan_r, "R_pack.f32", 17, "non-finite value (1 atoms affected)"),
     (inf_f, "F_pack.f32", 11, "non-finite value"),
+    (duplicated_atom, "R_pack.f32", 19, "two atoms at the same place (closer than 0.001 Å: duplicated atoms?) (1 molecules"),
+    (coordinate_far_away, "R_pack.f32", 21, "coordinate beyond 100000 Å"),
     (inf_e, "E.f64", 4, "non-finite value"),
     (nan_qtot, "Qtot.f64", 6, "non-finite value"),
     (z_zero, "Z_pack.int32", 13, "atomic number 0 outside 1..118"),
@@ -169,12 +182,12 @@ def test_clean_directory(packed_dir: Path) -> None:
 
 def test_huge_finite_values_are_clean_and_a_nan_among_them_is_found(packed_dir: Path) -> None:
     """The block check's fast path (one sum) overflows on huge values; the exact check decides."""
-    r = np.fromfile(packed_dir / "R_pack.f32", dtype=np.float32)
-    r[:30] = np.finfo(np.float32).max
-    r.tofile(packed_dir / "R_pack.f32")
-    assert not [p for p in validate_packed(packed_dir).problems if p.file == "R_pack.f32"]
-    _poke(packed_dir, "R_pack.f32", np.float32, (_atom(packed_dir, 7), 1), np.nan, width=3)
-    problems = [p for p in validate_packed(packed_dir).problems if p.file == "R_pack.f32"]
+    f = np.fromfile(packed_dir / "F_pack.f32", dtype=np.float32)
+    f[:30] = np.finfo(np.float32).max
+    f.tofile(packed_dir / "F_pack.f32")
+    assert not [p for p in validate_packed(packed_dir).problems if p.file == "F_pack.f32"]
+    _poke(packed_dir, "F_pack.f32", np.float32, (_atom(packed_dir, 7), 1), np.nan, width=3)
+    problems = [p for p in validate_packed(packed_dir).problems if p.file == "F_pack.f32"]
     assert len(problems) == 1 and problems[0].molecule == 7 and "non-finite value" in problems[0].message
 
 
