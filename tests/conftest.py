@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,6 +13,18 @@ from packedqdc.data import SAMPLE_NPZ
 from packedqdc.pack import pack_npz
 
 PaddedFactory = Callable[..., dict[str, np.ndarray]]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory: pytest.TempPathFactory) -> Path | None:
+    """One JAX compilation cache for the session, in this process and in the commands and processes
+    the tests start (``PACKEDQDC_COMPILATION_CACHE``): the many tiny runs of the suite compile the
+    same programs, and a hit gives the same executable as a compilation."""
+    from packedqdc.compile_cache import ENV, enable_compilation_cache
+
+    directory = tmp_path_factory.mktemp("jax-cache")
+    os.environ[ENV] = str(directory)
+    return enable_compilation_cache()
 
 
 @pytest.fixture

@@ -22,7 +22,10 @@ def evaluate(
 ) -> None:
     """Energy and force MAE/RMSE of a run's EMA weights on a packed directory (kcal/mol, kcal/mol/Å), and
     dipole MAE/RMSE (e·Å) when it has dipoles."""
+    from ..compile_cache import enable_compilation_cache
     from ..train.evaluate import evaluate_run
+
+    enable_compilation_cache()
 
     if plot is not None:
         from ..train.plots import check_plot_target

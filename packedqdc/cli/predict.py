@@ -26,10 +26,13 @@ def predict(
     force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
 ) -> None:
     """Predict energies, forces and partial charges of every molecule of INPUT, in input order."""
+    from ..compile_cache import enable_compilation_cache
     from ..errors import ConfigError
     from ..predictions import output_format, read_structures, write_predictions
     from ..train.inference import pack_structures, predict_packed
     from ..train.predict import Potential
+
+    enable_compilation_cache()
 
     check_output_file(output, "--output")
     output_format(output, force)

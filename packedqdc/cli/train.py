@@ -48,7 +48,10 @@ _UNSET_UNLESS_GIVEN = frozenset({"num_epochs", "max_time", "data_path"})
                                    panels=("Data", "Model", "Loss", "Optimiser", "Run")) + RUN_PARAMETERS)
 def train(ctx: typer.Context, **options: Any) -> None:
     """Train PhysNet on a packed directory; outputs in RUNS_DIR/NAME (config.json, metrics.csv, checkpoints)."""
+    from ..compile_cache import enable_compilation_cache
     from ..parallel import DistributedConfig
+
+    enable_compilation_cache()
 
     run = {p.name: options.pop(p.name) for p in RUN_PARAMETERS}
     name: Optional[str] = options["name"]
