@@ -14,6 +14,10 @@ training loop of ``packedqdc.train.loop.fit`` is mirrored step by step. Printed 
   prefetch thread or the step) costs no CPU time and is not counted. With a tiny model on CPU,
   this is where the loader and Python overheads show.
 - ``data path alone``: the same CPU time per batch for drawing and placing batches with no step.
+- ``steps alone``: wall time per step of the jitted steps dispatched back to back on batches
+  already placed (one per shape class): the devices' time per step when the host keeps ahead; its
+  ratio to ``wall`` estimates how busy the devices are during training (issue 13's GPU target:
+  >= 90% at batch 32 and 128, features 128: ``--features 128 --num-iterations 3 --batch-size 128``).
 
 To compare with another version of packedqdc side by side, alternate runs, e.g.
 ``PYTHONPATH=/tmp/old python benchmarks/train_host.py --rounds 1`` and the same without
@@ -76,6 +80,28 @@ def measure_stream(trainer, steps: int) -> float:
     return (time.thread_time() - cpu_start) / steps
 
 
+def measure_device(trainer, steps: int) -> float:
+    """Wall s/step of the steps alone: the first batch of every shape class placed on the devices
+    once, then ``steps`` steps dispatched back to back over them (no loader, no sums read). When the
+    host keeps ahead of the devices this is the devices' time per step; over the loop's wall time
+    per step it is the fraction of the step the devices are busy."""
+    placed, seen = [], set()
+    for global_batch, _ in trainer.train_data.epoch():
+        shape = tuple(np.shape(v) for v in global_batch.values())
+        if shape not in seen:
+            seen.add(shape)
+            placed.append(trainer.put(global_batch))
+    state = trainer.state
+    for batch in placed:  # compiled already; one warm step each
+        state, _ = trainer.train_step(state, batch)
+    jax.block_until_ready(state)
+    start = time.perf_counter()
+    for i in range(steps):
+        state, _ = trainer.train_step(state, placed[i % len(placed)])
+    jax.block_until_ready(state)
+    return (time.perf_counter() - start) / steps
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--molecules", type=int, default=20000)
@@ -102,8 +128,11 @@ def main() -> None:
         for r in range(args.rounds):
             wall, host = measure(trainer, args.steps)
             data = measure_stream(trainer, args.steps)
+            device = measure_device(trainer, args.steps)
             print(f"round {r}: wall {wall * 1e6:7.0f} us/step, host {host * 1e6:7.0f} us/step "
-                  f"({args.steps} steps); data path alone {data * 1e6:6.0f} us/step of training-thread CPU")
+                  f"({args.steps} steps); data path alone {data * 1e6:6.0f} us/step of training-thread CPU; "
+                  f"steps alone {device * 1e6:7.0f} us/step: devices busy ~{min(device / wall, 1.0):.0%}, "
+                  f"{args.batch_size / wall:,.0f} molecules/s")  # fmt: skip
 
 
 if __name__ == "__main__":
