@@ -20,7 +20,7 @@ venv: $(VENV)/.installed
 test: venv
 	$(BIN)/python -m pytest -q
 
-# the few end-to-end tests marked heavy (several training processes at once); CI runs them after `make test`
+# the few end-to-end tests marked heavy (several training processes at once, or 30 s or more each); CI runs them after `make test`
 test-heavy: venv
 	$(BIN)/python -m pytest -q -m heavy
 

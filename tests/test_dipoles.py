@@ -187,6 +187,7 @@ def test_dipole_is_translation_invariant_for_ions() -> None:
     assert np.allclose(np.asarray(a), np.asarray(b), atol=1e-4)
 
 
+@pytest.mark.heavy  # a training run with its own compilations: ~35 s
 def test_short_training_run_with_dipoles(dipole_dir: Path, tmp_path: Path) -> None:
     """The default weight applies to data with D; a strong dipole term learns the dipoles far better
     than none in the same 2 epochs; metrics.csv and evaluate report the dipole MAE."""

@@ -105,6 +105,7 @@ def test_energy_continuous_as_an_atom_crosses_the_cutoff(model_and_params, tmp_p
     assert jump.max() > 20 * (predicted.max() + 2e-4)
 
 
+@pytest.mark.heavy  # train, evaluate and predict, each compiling its own programs: ~55 s
 def test_training_evaluate_predict_use_the_run_pairs(sample_dir: Path, tmp_path: Path) -> None:
     """``--pair-list cutoff``: the model gets a Coulomb window for the data's largest molecule, the
     streams cutoff lists; evaluate (loader, cutoff lists) and Potential (all-pairs lists) agree."""

@@ -148,6 +148,7 @@ def test_predict_matches_evaluate(trained, sample_dir: Path) -> None:
     assert e0 == pytest.approx(energies[0], abs=1e-3) and f0.shape == (len(Zs[0]), 3)
 
 
+@pytest.mark.heavy  # two CLI training runs: ~35-45 s
 def test_cli_train_order_and_loader_threads(sample_dir: Path, tmp_path: Path) -> None:
     """--order and --loader-threads reach the loader; the order auto chose is saved for resumes."""
     runner = CliRunner()
