@@ -270,7 +270,7 @@ def test_unknown_symbol_is_an_error_naming_the_frame(tmp_path: Path) -> None:
     start = 2 + int(text[0]) + 2  # first atom line of frame 1
     text[start] = "Qq" + text[start][2:]
     src.write_text("\n".join(text) + "\n")
-    with pytest.raises(Exception, match=rf"^{src}: frame 1: not readable as extended XYZ \(KeyError: 'Qq'\)"):
+    with pytest.raises(Exception, match=rf"^{src}: frame 1: not readable as extended XYZ \(unknown element symbol 'Qq'\)"):
         pack_xyz([src], tmp_path / "out")
 
 

@@ -172,6 +172,11 @@ def ase_blocks(path: Path, keys: XyzKeys, start: int = 0) -> Iterator[FrameBlock
 
 
 def _one_line(exc: BaseException) -> str:
+    """ASE's error on one line; the KeyError of a symbol not in the periodic table said as such."""
+    if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
+        key = exc.args[0]
+        if key.isalpha() and len(key) <= 3:
+            return f"unknown element symbol {key!r}"
     return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
