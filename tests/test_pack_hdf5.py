@@ -205,6 +205,24 @@ def test_missing_dataset_and_wrong_layout(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(("dataset", "value", "text"), [
+    ("atomic_numbers", lambda z: z.astype("S3"), "dtype |S3, expected integers"),  # text: int() would fail
+    ("atomic_numbers", lambda z: z + 0.5, "dtype float64, expected integers"),  # a cast would truncate it
+    ("dft_total_energy", lambda e: e.astype("S8"), "dtype |S8, expected numbers"),
+])
+def test_datasets_of_the_wrong_kind_are_one_line_errors(tmp_path: Path, dataset: str, value, text: str) -> None:
+    src = tmp_path / "spice.hdf5"
+    write_spice(src)
+    with h5py.File(src, "r+") as f:
+        old = f[f"methane/{dataset}"][()]
+        del f[f"methane/{dataset}"]
+        f[f"methane/{dataset}"] = value(old)
+    result = CliRunner().invoke(app, ["pack", "hdf5", str(src), str(tmp_path / "out"), "--layout", "spice"])
+    assert result.exit_code == 1
+    assert result.output.strip() == f"Error: {src}: group /methane: dataset {dataset!r}: {text}"
+    assert not (tmp_path / "out").exists()
+
+
 def test_smiles_charges_match_rdkit() -> None:
     Chem = pytest.importorskip("rdkit.Chem")
     smiles = [s for _, s, _, _ in SPICE_MOLECULES] + [

@@ -280,14 +280,20 @@ class Hdf5Source:
         positions = self._dataset(group, layout.positions)
         energy = self._dataset(group, self.energy_key)
         forces = None if self.forces_key is None else self._dataset(group, self.forces_key)
-        z_all = self._read(group, self._dataset(group, numbers)).astype(np.int64)
+        z_dataset = self._dataset(group, numbers)
+        self._expect_kind(group, numbers, z_dataset, "iu", "integers")
+        for key, dataset in ((layout.positions, positions), (self.energy_key, energy), (self.forces_key, forces)):
+            if dataset is not None:
+                self._expect_kind(group, key, dataset, "fiu", "numbers")
+        z_all = self._read(group, z_dataset).astype(np.int64)
         shape = positions.shape
         if len(shape) != 3 or shape[2] != 3:
             raise SourceError(f"{self.path}: group {group.name}: dataset {layout.positions!r}: shape {shape}, expected (C, n, 3)")
         c, n = shape[0], shape[1]
         if z_all.shape not in ((n,), (c, n)):
             raise SourceError(
-                f"{self.path}: group {group.name}: dataset {numbers!r}: shape {z_all.shape}, expected ({n},) or ({c}, {n})"
+                f"{self.path}: group {group.name}: dataset {numbers!r}: shape {z_all.shape}, expected ({n},) or "
+                f"({c}, {n}) to match {layout.positions!r} {tuple(shape)}"
             )
         self._expect(group, self.energy_key, energy.shape, ((c,), (c, 1)))
         if forces is not None:
@@ -327,6 +333,12 @@ class Hdf5Source:
                 f"{self.path}: group {group.name}: dataset {key!r}: shape {tuple(shape)}, "
                 f"expected {' or '.join(map(str, shapes))}"
             )
+
+    def _expect_kind(self, group: Any, key: str, dataset: Any, kinds: str, what: str) -> None:
+        """A dataset of the wrong kind (text atomic numbers, float ones that a cast would truncate)
+        as a one-line error naming file, group and dataset."""
+        if dataset.dtype.kind not in kinds:
+            raise SourceError(f"{self.path}: group {group.name}: dataset {key!r}: dtype {dataset.dtype}, expected {what}")
 
     def _group_charge(self, group: Any) -> int | None:
         if self.layout.smiles is None:
