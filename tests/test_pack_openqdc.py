@@ -208,6 +208,23 @@ def test_missing_cache_message_exit_code_no_output(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(("file", "cut", "text"), [
+    ("atomic_inputs.mmap", 20 * 5 * 4, "atomic_inputs.mmap: holds 20 atoms, but position_idx_range.mmap ends at atom"),
+    ("position_idx_range.mmap", 4 * 2 * 4, "atomic_inputs.mmap: holds"),  # 4 of 9 molecules: their end disagrees
+    ("energies.mmap", 8 * 8, "energies.mmap: holds 8 molecules x 1 methods of float64, but position_idx_range.mmap holds 9"),
+    ("forces.mmap", 20 * 3 * 4, "forces.mmap: holds 20 atoms x 3 x 1 float32, but atomic_inputs.mmap holds"),
+])
+def test_a_truncated_cache_file_is_named_beside_the_one_it_disagrees_with(tmp_path: Path, file: str, cut: int,
+                                                                          text: str) -> None:
+    root = write_cache(tmp_path / "cache", "Spice", n=9)
+    with open(root / "spice" / "preprocessed" / file, "r+b") as fh:
+        fh.truncate(cut)
+    result = CliRunner().invoke(app, ["pack", "openqdc", "Spice", str(tmp_path / "out"), "--cache-dir", str(root)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert text in result.output and "one of them is truncated or oversized" in result.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_method_and_formation_without_table(tmp_path: Path) -> None:
     root = write_cache(tmp_path / "cache", "QM9")
     runner = CliRunner()

@@ -144,17 +144,25 @@ class CacheReader:
         self.path = path
         self.n_atoms_total = self._rows("atomic_inputs.mmap", np.dtype(np.float32), 5)
         self.n_molecules = self._rows("position_idx_range.mmap", np.dtype(np.int32), 2)
+        index = "position_idx_range.mmap"
+        if self.n_molecules:  # the index's last range ends where the atoms end (a truncated file disagrees)
+            end = int(_read_rows(path / index, np.dtype(np.int32), (2,), self.n_molecules - 1, self.n_molecules)[0, 1])
+            if end != self.n_atoms_total:
+                raise SourceError(f"{path / 'atomic_inputs.mmap'}: holds {self.n_atoms_total} atoms, but {index} "
+                                  f"ends at atom {end}: one of them is truncated or oversized")
         n_methods = len(info.methods)
-        if self._rows("energies.mmap", info.energies_dtype, n_methods) != self.n_molecules:
+        energies = self._rows("energies.mmap", info.energies_dtype, n_methods)
+        if energies != self.n_molecules:
             raise SourceError(
-                f"{path / 'energies.mmap'}: size does not match {self.n_molecules} molecules x {n_methods} "
-                f"methods of {info.energies_dtype}"
+                f"{path / 'energies.mmap'}: holds {energies} molecules x {n_methods} methods of "
+                f"{info.energies_dtype}, but {index} holds {self.n_molecules}: one of them is truncated or oversized"
             )
         if info.n_force_columns:
-            if self._rows("forces.mmap", np.dtype(np.float32), 3 * info.n_force_columns) != self.n_atoms_total:
+            forces = self._rows("forces.mmap", np.dtype(np.float32), 3 * info.n_force_columns)
+            if forces != self.n_atoms_total:
                 raise SourceError(
-                    f"{path / 'forces.mmap'}: size does not match {self.n_atoms_total} atoms x 3 x "
-                    f"{info.n_force_columns} float32"
+                    f"{path / 'forces.mmap'}: holds {forces} atoms x 3 x {info.n_force_columns} float32, but "
+                    f"atomic_inputs.mmap holds {self.n_atoms_total}: one of them is truncated or oversized"
                 )
         self.subset_names, self.subset_index = _load_subsets(path / "props.pkl", self.n_molecules)
 

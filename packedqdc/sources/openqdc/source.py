@@ -40,6 +40,7 @@ class Conversion:
         subset: index of the only subset kept, or None for all.
         subset_index: (N,) int64 subset of every molecule.
         references: E0s to subtract (formation/regression) or None (total).
+        cache: the preprocessed directory, as messages name it.
     """
 
     info: DatasetInfo
@@ -47,6 +48,7 @@ class Conversion:
     subset: int | None
     subset_index: np.ndarray
     references: IsolatedAtomEnergies | None
+    cache: Path
 
     def __call__(self, block: RawBlock, counts: PackCounts, reasons: list[str]) -> MoleculeChunk:
         """Apply units and fixes, drop NaN-labelled or other-subset molecules, count them.
@@ -69,7 +71,7 @@ class Conversion:
             counts.skipped_nan_forces += _drop(keep, finite_f, block.lo, "forces are not finite", reasons)
         atom_keep = keep[mol]
         z, charge, mol = _as_int(block.atomic[atom_keep, 0]), _as_int(block.atomic[atom_keep, 1]), mol[atom_keep]
-        _check_atoms(z, block.atomic[atom_keep, 2:5], mol, block.lo)
+        _check_atoms(self.cache / "atomic_inputs.mmap", z, block.atomic[atom_keep, 2:5], mol, block.lo)
         if self.references is not None:
             energy = energy - self.references.per_molecule(z, charge, mol, m, block.lo)
         counts.n_kept += int(keep.sum())
@@ -104,13 +106,13 @@ def _as_int(column: np.ndarray) -> np.ndarray:
     return np.rint(column).astype(np.int64)
 
 
-def _check_atoms(z: np.ndarray, positions: np.ndarray, mol: np.ndarray, first: int) -> None:
+def _check_atoms(file: Path, z: np.ndarray, positions: np.ndarray, mol: np.ndarray, first: int) -> None:
     """Raise SourceError naming the first kept molecule with a bad Z or a non-finite position."""
     bad = (z < 1) | (z > MAX_Z) | ~np.isfinite(positions).all(axis=1)
     if bad.any():
         k = int(np.flatnonzero(bad)[0])
         raise SourceError(
-            f"atomic_inputs.mmap: molecule {first + int(mol[k])}: atom with Z={int(z[k])} "
+            f"{file}: molecule {first + int(mol[k])}: atom with Z={int(z[k])} "
             f"at {positions[k].tolist()} (Z must be 1..{MAX_Z}, positions finite)"
         )
 
@@ -184,7 +186,8 @@ class OpenQDCSource:
         """Kept molecules in cache order, at most ``ATOM_BLOCK`` atoms (or one molecule) per chunk."""
         if not self._prepared:
             self.prepare()
-        convert = Conversion(self.info, self.method, self.subset, self.reader.subset_index, self.references)
+        convert = Conversion(self.info, self.method, self.subset, self.reader.subset_index, self.references,
+                             self.reader.path)
         for block in self.reader.blocks(self.method.force_column):
             yield convert(block, self.counts, self.skipped_first)
 
