@@ -134,7 +134,6 @@ def validate_packed(path: str | os.PathLike[str], checksums: bool = False, max_p
     _check_n_atoms(root, offsets, report)
     present = {spec.name: _check_size(root, spec, offsets, report) for spec in RAW_FILES}
     elements = _check_values(root, offsets, present, report)
-    _check_close_atoms(root, offsets, present, report)
     _check_meta(root, present, elements, checksums, report)
     return report
 
@@ -276,13 +275,19 @@ def _first_incomplete(spec: RawFileSpec, offsets: np.ndarray, complete_rows: int
     return int(np.searchsorted(offsets[1:], complete_rows, side="right"))
 
 
-def _blocks(file: Path, spec: RawFileSpec, rows: int) -> Any:
-    """(first row, block) pairs covering rows ``0:rows`` of a raw file, ``BLOCK_ROWS`` at a time."""
+def _blocks(file: Path, spec: RawFileSpec, rows: int, offsets: np.ndarray | None = None) -> Any:
+    """(first row, block) pairs covering rows ``0:rows`` of a raw file, about ``BLOCK_ROWS`` at a
+    time; with ``offsets`` (sound, of an atom file) every block holds whole molecules."""
     row_bytes = spec.width * spec.dtype.itemsize
-    for lo in range(0, rows, BLOCK_ROWS):
-        n = min(BLOCK_ROWS, rows - lo)
-        block = np.fromfile(file, dtype=spec.dtype, count=n * spec.width, offset=lo * row_bytes)
-        yield lo, block.reshape(n, spec.width) if spec.width > 1 else block
+    lo = 0
+    while lo < rows:
+        hi = min(lo + BLOCK_ROWS, rows)
+        if offsets is not None and hi < rows:  # back to the last molecule boundary, one molecule at least
+            k = int(np.searchsorted(offsets, hi, side="right")) - 1
+            hi = int(offsets[k]) if offsets[k] > lo else int(offsets[k + 1])
+        block = np.fromfile(file, dtype=spec.dtype, count=(hi - lo) * spec.width, offset=lo * row_bytes)
+        yield lo, block.reshape(hi - lo, spec.width) if spec.width > 1 else block
+        lo = hi
 
 
 @dataclass
@@ -293,6 +298,7 @@ class _Finding:
     first_row: int | None = None
     first_value: Any = None
     count: int = 0
+    per_molecule: bool = False  # rows are molecules, whatever the file
 
     def update(self, lo: int, bad: np.ndarray, values: np.ndarray) -> None:
         hits = np.flatnonzero(bad)
@@ -312,26 +318,33 @@ def _check_values(
         rows = present[spec.name]
         if rows is None:
             continue
+        # R of sound offsets is read in whole molecules, so that one pass also finds duplicated atoms
+        whole = spec.name == R_FILE and rows == int(offsets[-1]) and not any(p.file == OFFSETS for p in report.problems)
         try:
-            findings, counts = _scan(root / spec.name, spec, rows)
+            findings, counts = _scan(root / spec.name, spec, rows, offsets if whole else None)
         except OSError as exc:
             _unreadable(spec.name, exc, report)
             continue
-        unit = "atoms" if spec.per == "atom" else "molecules"
         for finding in findings:
             if finding.count:
+                per_molecule = finding.per_molecule or spec.per == "molecule"
                 report.add(
                     spec.name,
-                    finding.message.format(value=finding.first_value) + f" ({finding.count} {unit} affected)",
-                    _molecule_of_row(spec, offsets, finding.first_row),
+                    finding.message.format(value=finding.first_value)
+                    + f" ({finding.count} {'molecules' if per_molecule else 'atoms'} affected)",
+                    finding.first_row if per_molecule else _molecule_of_row(spec, offsets, finding.first_row),
                 )
         if spec.name == Z_FILE and rows == _rows_expected(spec, offsets):
             elements = counts
     return elements
 
 
-def _scan(file: Path, spec: RawFileSpec, rows: int) -> tuple[list[_Finding], np.ndarray]:
-    """Stream a raw file: per-check findings, and the element histogram when it is Z."""
+def _scan(
+    file: Path, spec: RawFileSpec, rows: int, offsets: np.ndarray | None = None
+) -> tuple[list[_Finding], np.ndarray]:
+    """Stream a raw file: per-check findings, and the element histogram when it is Z. With
+    ``offsets`` (R, sound offsets) also the molecules with two atoms at the same place
+    (``checks.MIN_ATOM_DISTANCE``), the blocks then holding whole molecules."""
     histogram = np.zeros(MAX_Z + 2, dtype=np.int64)
     if spec.name == Z_FILE:
         findings = [_Finding(f"atomic number {{value}} outside 1..{MAX_Z}")]
@@ -341,7 +354,11 @@ def _scan(file: Path, spec: RawFileSpec, rows: int) -> tuple[list[_Finding], np.
             findings.append(_Finding("fractional total charge {value}"))
         if spec.name == R_FILE:
             findings.append(_Finding(FAR_COORDINATE))
-    for lo, block in _blocks(file, spec, rows):
+    if offsets is not None:
+        from .distances import closest_pair_distances  # numba: imported only when validating
+
+        findings.append(_Finding(CLOSE_ATOMS, per_molecule=True))
+    for lo, block in _blocks(file, spec, rows, offsets):
         if spec.name == Z_FILE:
             histogram += element_histogram(block)
             if block.min(initial=1) < 1 or block.max(initial=1) > MAX_Z:
@@ -350,6 +367,10 @@ def _scan(file: Path, spec: RawFileSpec, rows: int) -> tuple[list[_Finding], np.
         if spec.name == R_FILE and (block.max() > MAX_COORDINATE or block.min() < -MAX_COORDINATE):
             far = np.isfinite(block).all(axis=1) & (np.abs(block) > MAX_COORDINATE).any(axis=1)  # NaN, inf: above
             findings[1].update(lo, far, block)
+        if offsets is not None:
+            m_lo, m_hi = np.searchsorted(offsets, [lo, lo + block.shape[0]])
+            close = closest_pair_distances(offsets[m_lo : m_hi + 1] - lo, block) < MIN_ATOM_DISTANCE
+            findings[2].update(int(m_lo), close, close)
         if spec.name != QTOT_FILE and all_finite(block):
             continue
         finite = np.isfinite(block) if spec.width == 1 else np.isfinite(block).all(axis=1)
@@ -358,35 +379,6 @@ def _scan(file: Path, spec: RawFileSpec, rows: int) -> tuple[list[_Finding], np.
         if spec.name == QTOT_FILE:
             findings[1].update(lo, finite & (block != np.round(block)), block)
     return findings, histogram
-
-
-def _check_close_atoms(root: Path, offsets: np.ndarray, present: dict[str, int | None], report: ValidationReport) -> None:
-    """Molecules with two atoms at the same place (``checks.MIN_ATOM_DISTANCE``), streamed: whole
-    molecules of about ``BLOCK_ROWS`` atoms at a time. Needs sound offsets and a complete R."""
-    if present[R_FILE] != int(offsets[-1]) or any(p.file == OFFSETS for p in report.problems):
-        return
-    from .distances import closest_pair_distances  # numba: imported only when validating
-
-    n_mol = offsets.shape[0] - 1
-    first, count, lo = None, 0, 0
-    while lo < n_mol:
-        start = int(offsets[lo])
-        hi = max(lo + 1, int(np.searchsorted(offsets, start + BLOCK_ROWS, side="right")) - 1)
-        hi = min(hi, n_mol)
-        stop = int(offsets[hi])
-        try:
-            R = np.fromfile(root / R_FILE, dtype=np.float32, count=3 * (stop - start), offset=12 * start)
-        except OSError as exc:
-            _unreadable(R_FILE, exc, report)
-            return
-        close = np.flatnonzero(closest_pair_distances(np.asarray(offsets[lo : hi + 1]) - start, R.reshape(-1, 3))
-                               < MIN_ATOM_DISTANCE)  # fmt: skip
-        if close.shape[0]:
-            first = lo + int(close[0]) if first is None else first
-            count += int(close.shape[0])
-        lo = hi
-    if count:
-        report.add(R_FILE, f"{CLOSE_ATOMS} ({count} molecules affected)", first)
 
 
 # --------------------------------------------------------------------------------------------

@@ -272,3 +272,13 @@ def test_bundled_sample_packs_and_validates_clean(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     report = validate_packed(tmp_path / "sample", checksums=True)
     assert report.ok and report.counts["n_molecules"] == 504, report.problems
+
+
+@pytest.mark.parametrize("block_rows", [1, 7])
+def test_molecules_split_by_small_blocks_are_checked_whole(packed_dir: Path, monkeypatch, block_rows: int) -> None:
+    """R is read in blocks of whole molecules (one at least), whatever ``BLOCK_ROWS``."""
+    duplicated_atom(packed_dir)
+    expected = [str(p) for p in validate_packed(packed_dir).problems]
+    monkeypatch.setattr("packedqdc.validate.BLOCK_ROWS", block_rows)
+    assert [str(p) for p in validate_packed(packed_dir).problems] == expected
+    assert any("molecule 19: two atoms at the same place" in line for line in expected)
