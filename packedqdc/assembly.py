@@ -134,10 +134,10 @@ class ThreadChoice:
     both keeps ``threads > 1`` from being slower than one thread: the first ``2 * WARMUP`` calls
     alternate, then the better is used and the other is tried once every ``period`` calls; the
     period doubles (up to ``MAX_PROBE``) each time the threads lose, and is back to ``PROBE`` when
-    they win or a probe beats the other mode's median. A mode's cost is the median of its last ``WINDOW`` timings (robust to a call
-    preempted by another process). Between probes only the ``WINDOW`` calls before the next probe
-    are timed, so that the choice costs a counter in the steady state (timing every call cost
-    ~4 µs, 5% of a call of four QM9-sized batches).
+    they win or a probe beats the other mode's median. A mode's cost is the median of its last
+    ``WINDOW`` timings (robust to a call preempted by another process). Between probes only the
+    ``WINDOW`` calls before the next probe are timed, so that the choice costs a counter in the
+    steady state (timing every call cost ~4 µs, 5% of a call of four QM9-sized batches).
     """
 
     WARMUP = 8

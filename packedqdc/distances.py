@@ -1,10 +1,11 @@
-"""The closest pair of atoms in each molecule, for the value checks of ``pack`` and ``validate``.
+"""The closest pair of atoms in each molecule, for ``validate``'s duplicated-atom check.
 
 Two atoms of one molecule at (nearly) the same place are corrupt data: duplicated atoms, or
 padding counted as atoms. Every model with a 1/r term (PhysNet's electrostatics and ZBL
 repulsion) or a gradient of |r| turns such a molecule into an infinite or NaN loss, hours into a
-run; the checks find it when the data is packed (``checks.MIN_ATOM_DISTANCE``). Compiled with numba (``cache=True``); importing
-this module imports numba, so the checks import it only when they run.
+run; ``validate`` finds it (``checks.MIN_ATOM_DISTANCE``; ``pack`` leaves it out, see there).
+Compiled with numba (``cache=True``); importing this module imports numba, so ``validate``
+imports it only when it runs the check.
 """
 
 from __future__ import annotations
